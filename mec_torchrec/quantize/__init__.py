@@ -1,0 +1,5 @@
+"""Product quantization of embedding tables: CompressedTable and the quantizers that make it."""
+
+from mec_torchrec.quantize.table import CompressedTable, code_dtype, decode_codes
+
+__all__ = ["CompressedTable", "code_dtype", "decode_codes"]
