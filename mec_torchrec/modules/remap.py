@@ -1,0 +1,135 @@
+"""Ids -> code ids: the sparse half of a MEC lookup, as fx-wrapped functions.
+
+TorchRec's pipelines fx-trace the model; these functions loop over tables and read data-dependent
+sizes, so they are wrapped (``torch.fx.wrap``) and appear in a traced graph as single calls.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from itertools import accumulate
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+UNKNOWN_ID_POLICIES = ("error", "reserved")
+
+
+@torch.fx.wrap
+def in_feature_order(features: KeyedJaggedTensor, order: list[str]) -> KeyedJaggedTensor:
+    """``features`` with its keys permuted into ``order`` (returned as is when already so).
+
+    Raises:
+        ValueError: a feature of ``order`` is missing from ``features``.
+    """
+    keys = features.keys()
+    if keys == order:
+        return features
+    index = {k: i for i, k in enumerate(keys)}
+    missing = [f for f in order if f not in index]
+    if missing:
+        raise ValueError(f"input KeyedJaggedTensor lacks features {missing} (has {keys})")
+    return features.permute([index[f] for f in order])
+
+
+@torch.fx.wrap
+def check_ids(
+    values: torch.Tensor,
+    length_per_key: list[int],
+    feature_sizes: torch.Tensor,
+    features: list[str],
+    tables: list[str],
+    policy: str,
+) -> torch.Tensor:
+    """Enforce ``0 <= id < N`` per feature; returns the ids to look up.
+
+    Args:
+        values: ids of all features, concatenated in ``features`` order.
+        length_per_key: number of ids per feature.
+        feature_sizes: int64 [F], N of each feature's table.
+        features / tables: names, for the error message.
+        policy: ``"error"`` raises; ``"reserved"`` replaces each out-of-range id by N - 1, the
+            last row of its table (the OOV row that ``mec_torchrec.data`` reserves for rare and
+            unseen values): for a compressed table that is the code tuple ``codes[N - 1]``.
+
+    Raises:
+        ValueError: under ``"error"``, naming the first bad id, its feature, table and range.
+    """
+    counts = torch.tensor(length_per_key, device=values.device)
+    bounds = torch.repeat_interleave(feature_sizes, counts, output_size=values.numel())
+    bad = (values < 0) | (values >= bounds)
+    if not bool(bad.any()):
+        return values
+    if policy == "reserved":
+        return torch.where(bad, bounds - 1, values)
+    position = int(bad.nonzero()[0, 0])
+    f = bisect_right(list(accumulate(length_per_key)), position)
+    raise ValueError(
+        f"table {tables[f]!r}: id {int(values[position])} out of range "
+        f"[0, {int(feature_sizes[f])}) in feature {features[f]!r} "
+        f"(pass unknown_id_policy='reserved' to map such ids to the table's last row)"
+    )
+
+
+@torch.fx.wrap
+def remap_values(
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: torch.Tensor | None,
+    stride: int,
+    length_per_key: list[int],
+    codes: list[torch.Tensor],
+    table_codes: list[int],
+    table_num_features: list[int],
+    lookup_sources: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Expand outer-order ids into lookup-order code ids.
+
+    For a feature ``f`` of a compressed table with codes [N, L], the lookup features
+    ``f@0 .. f@{L-1}`` hold ``codes[ids, l]`` (int64), with the lengths and weights of ``f``;
+    features of full tables pass through.
+
+    Args:
+        values / lengths / weights: the input KJT's tensors, features in outer order.
+        stride: batch size B.
+        length_per_key: ids per outer feature.
+        codes: the codes tensor of each compressed table.
+        table_codes: per outer table, index into ``codes`` or -1 for a full table.
+        table_num_features: per outer table, its number of features.
+        lookup_sources: int64 [F_lookup], the outer feature behind each lookup feature.
+
+    Returns:
+        (values int64, lengths, weights or None) in lookup order.
+    """
+    counts: list[int] = []
+    start = 0
+    for num in table_num_features:
+        counts.append(sum(length_per_key[start : start + num]))
+        start += num
+    value_parts = values.split(counts)
+    weight_parts = weights.split(counts) if weights is not None else None
+    out_values: list[torch.Tensor] = []
+    out_weights: list[torch.Tensor] = []
+    first = 0
+    for t, code_index in enumerate(table_codes):
+        num = table_num_features[t]
+        ids = value_parts[t]
+        w = weight_parts[t] if weight_parts is not None else None
+        if code_index < 0:
+            out_values.append(ids)
+            if w is not None:
+                out_weights.append(w)
+        else:
+            table_codes_tensor = codes[code_index]
+            num_subspaces = table_codes_tensor.shape[1]
+            gathered = table_codes_tensor[ids]
+            feature_counts = length_per_key[first : first + num]
+            per_feature = gathered.split(feature_counts) if num > 1 else [gathered]
+            per_weight = (w.split(feature_counts) if num > 1 else [w]) if w is not None else []
+            out_values += [g.t().reshape(-1) for g in per_feature]
+            out_weights += [fw.repeat(num_subspaces) for fw in per_weight]
+        first += num
+    new_values = torch.cat(out_values).to(torch.int64)
+    new_lengths = lengths.view(-1, stride).index_select(0, lookup_sources).reshape(-1)
+    new_weights = torch.cat(out_weights) if weights is not None else None
+    return new_values, new_lengths, new_weights
