@@ -1,0 +1,98 @@
+"""Vocabulary: per-feature value -> id mapping and per-id train counts, built in one streaming pass.
+
+Ids are ordered by train count, descending (id 0 = most frequent), ties broken by value ascending
+(nulls, i.e. missing values, last). Values seen fewer than ``min_count`` times share the OOV id,
+which is always the last id; values absent from train map to it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mec_torchrec.data.readers import SourceBatch
+
+_COMPACT_EVERY = 32  # merge partial counts every N batches: bounded memory, few group-bys
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """One feature's vocabulary: ``values[i]`` has id ``i``; ``counts`` has one more entry (OOV).
+
+    values: Arrow array [num_embeddings - 1]; counts: int64 [num_embeddings].
+    """
+
+    values: pa.Array
+    counts: np.ndarray
+
+    @property
+    def num_embeddings(self) -> int:
+        return len(self.counts)
+
+    @property
+    def oov_id(self) -> int:
+        return len(self.counts) - 1
+
+    def lookup(self, values: pa.Array) -> np.ndarray:
+        """Ids (int64) of ``values``; values outside the vocabulary get the OOV id."""
+        ids = pc.index_in(values, value_set=self.values, skip_nulls=False)
+        return pc.fill_null(ids, self.oov_id).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def to_table(self) -> pa.Table:
+        """Rows in id order; the last row is the OOV id (value null)."""
+        values = pa.concat_arrays([self.values, pa.nulls(1, self.values.type)])
+        return pa.table({"value": values, "count": pa.array(self.counts, pa.int64())})
+
+    @staticmethod
+    def from_table(table: pa.Table) -> Vocabulary:
+        values = table.column("value").combine_chunks()
+        return Vocabulary(values.slice(0, len(values) - 1),
+                          table.column("count").to_numpy().astype(np.int64))
+
+
+def _flat(column: pa.Array) -> pa.Array:
+    return pc.list_flatten(column) if pa.types.is_list(column.type) else column
+
+
+class _Counter:
+    """Streaming value counts of one feature: partial value_counts merged by a group-by."""
+
+    def __init__(self) -> None:
+        self.parts: list[pa.Table] = []
+
+    def add(self, column: pa.Array) -> None:
+        vc = pc.value_counts(_flat(column))
+        self.parts.append(pa.table({"value": vc.field("values"), "count": vc.field("counts")}))
+        if len(self.parts) >= _COMPACT_EVERY:
+            self.parts = [self._merged()]
+
+    def _merged(self) -> pa.Table:
+        table = pa.concat_tables(self.parts)
+        merged = table.group_by("value", use_threads=False).aggregate([("count", "sum")])
+        return merged.rename_columns(["value", "count"])
+
+    def vocabulary(self, min_count: int) -> Vocabulary:
+        table = self._merged()
+        order = pc.sort_indices(table, sort_keys=[("count", "descending"),
+                                                  ("value", "ascending", "at_end")])
+        table = table.take(order)
+        counts = table.column("count").to_numpy().astype(np.int64)
+        kept = int(np.searchsorted(-counts, -min_count, side="right"))
+        values = table.column("value").combine_chunks().slice(0, kept)
+        return Vocabulary(values, np.append(counts[:kept], counts[kept:].sum()))
+
+
+def build_vocabularies(batches: Iterable[SourceBatch], features: list[str],
+                       min_count: int) -> tuple[dict[str, Vocabulary], int]:
+    """One pass over ``batches`` (the train split): vocabularies of ``features`` and the row count."""
+    counters = {name: _Counter() for name in features}
+    rows = 0
+    for sb in batches:
+        rows += sb.data.num_rows
+        for name in features:
+            counters[name].add(sb.data.column(name))
+    return {name: c.vocabulary(min_count) for name, c in counters.items()}, rows
