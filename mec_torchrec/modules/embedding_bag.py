@@ -11,15 +11,10 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from mec_torchrec.modules import remap as _remap
 from mec_torchrec.modules.config import MECTableConfig, TableBytes
 from mec_torchrec.modules.layout import build_layout, sub_name
 from mec_torchrec.modules.lookup import DenseTableBatchedLookup
-from mec_torchrec.modules.remap import (
-    UNKNOWN_ID_POLICIES,
-    check_ids,
-    in_feature_order,
-    remap_values,
-)
 from mec_torchrec.quantize.table import CompressedTable, code_dtype
 
 
@@ -91,9 +86,9 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: bool = False,
     ) -> None:
         super().__init__()
-        if unknown_id_policy not in UNKNOWN_ID_POLICIES:
+        if unknown_id_policy not in _remap.UNKNOWN_ID_POLICIES:
             raise ValueError(
-                f"unknown_id_policy must be one of {UNKNOWN_ID_POLICIES}, got {unknown_id_policy!r}"
+                f"unknown_id_policy must be one of {_remap.UNKNOWN_ID_POLICIES}, got {unknown_id_policy!r}"
             )
         self._layout = layout = build_layout(tables, compression)
         self._embedding_bag_configs = tables
@@ -203,9 +198,11 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self, features: KeyedJaggedTensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         layout = self._layout
-        ordered = in_feature_order(features, layout.features)
+        # Called through the module so that torch.fx.wrap (which patches remap's globals while
+        # tracing) keeps these data-dependent functions as single graph nodes.
+        ordered = _remap.in_feature_order(features, layout.features)
         length_per_key = ordered.length_per_key()
-        values = check_ids(
+        values = _remap.check_ids(
             ordered.values(),
             length_per_key,
             self._feature_sizes,
@@ -213,7 +210,7 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             layout.feature_tables,
             self._unknown_id_policy,
         )
-        return remap_values(
+        return _remap.remap_values(
             values,
             ordered.lengths(),
             ordered.weights() if self._is_weighted else None,
