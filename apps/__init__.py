@@ -1,0 +1,1 @@
+"""Training apps built on mec_torchrec (the DLRM app and its TorchX component)."""

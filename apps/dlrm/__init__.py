@@ -1,0 +1,1 @@
+"""DLRM with MEC embedding compression: pretrain -> compress -> train (see main.py)."""

@@ -1,0 +1,375 @@
+"""DLRM with MEC embedding compression: pretrain -> compress -> train, on one or many ranks.
+
+    python -m apps.dlrm.main --spec specs/synthetic.yaml --out out/synthetic [--stage all] [--resume]
+    torchrun --nproc_per_node 2 -m apps.dlrm.main --spec specs/synthetic.yaml --out out/synthetic
+    torchx run -s local_cwd apps/components.py:dlrm_mec --spec specs/synthetic.yaml --out DIR -j 1x2
+
+1. pretrain: DLRM / DLRM_DCN with full tables under DistributedModelParallel; the state with the
+   best valid AUC is kept (``DIR/pretrain/best``) and evaluated on test.
+2. compress: every table with at least ``min_rows`` rows is quantized with MEC (or plain PQ),
+   weighted by its train-split id counts; tables are split across ranks and each is saved
+   atomically (``DIR/compress/t_*.safetensors``), so a rerun skips the tables already done.
+3. train: the same model with a MECEmbeddingBagCollection (codes frozen, codebooks from stage 2,
+   trained), sharded with the MEC sharder; one run per ``retrain.variants`` entry (``warm``:
+   dense layers and small tables from stage 1; ``cold``: dense layers from scratch). The untrained
+   warm model is evaluated too (``mec_no_retrain``).
+
+Each stage writes ``DIR/<stage>/result.json``; rank 0 then rewrites ``DIR/report.json`` and the
+plots from whatever results exist. Without ``--resume`` a requested stage starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.planner import Topology
+from torchrec.distributed.sharding_plan import get_default_sharders as torchrec_sharders
+
+from apps.dlrm import checkpoint, report
+from apps.dlrm.loop import StageData, train_stage
+from apps.dlrm.model import (
+    Env,
+    build_dlrm,
+    describe_plan,
+    full_ebc,
+    make_optimizer,
+    plan_and_shard,
+    register_embedding_optimizer,
+    table_configs,
+)
+from apps.dlrm.spec import JobSpec, SpecError, load_job_spec, spec_to_dict
+from mec_torchrec.data import ProcessedDataset, load_dataset_spec, prepare_dataset
+from mec_torchrec.io import atomic_write_text
+
+STAGES = ("pretrain", "compress", "train")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="apps.dlrm.main", description=__doc__.split("\n")[0])
+    parser.add_argument("--spec", required=True, help="job spec (YAML), e.g. specs/synthetic.yaml")
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, report, plots)")
+    parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
+    parser.add_argument("--resume", action="store_true", help="continue from DIR's checkpoints")
+    return parser.parse_args(argv)
+
+
+def init_distributed() -> Env:
+    """Join the torchrun/torchx process group, or make a one-rank group when run alone."""
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        init_method = None
+    else:
+        rank, world, local_rank, local_world = 0, 1, 0, 1
+        store = Path(tempfile.mkdtemp(prefix="mec-dlrm-")) / "store"
+        init_method = f"file://{store}"
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=30),
+    )
+    return Env(rank, world, local_world, device, backend)
+
+
+def log_for(env: Env):
+    def log(msg: str) -> None:
+        if env.is_main:
+            print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def load_data(spec: JobSpec, out: Path, env: Env) -> ProcessedDataset:
+    """Prepare the dataset once (rank 0) and open it on every rank."""
+    data_dir = Path(spec.data_dir) if spec.data_dir else out / "data"
+    if env.is_main:
+        prepare_dataset(load_dataset_spec(spec.data), data_dir)
+    dist.barrier()
+    return ProcessedDataset(data_dir)
+
+
+def stage_data(ds: ProcessedDataset, env: Env) -> StageData:
+    def batches(split: str, batch_size: int, shuffle: bool, seed: int):
+        return ds.batches(
+            split,
+            batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=seed,
+            shuffle=shuffle,
+            drop_last=split == "train",
+            even=True,
+        )
+
+    return StageData(batches, ds.num_rows("train"), ds.num_rows("valid"), ds.num_rows("test"))
+
+
+def fresh(path: Path, resume: bool, env: Env) -> None:
+    """Start a stage over (remove its folder) unless resuming."""
+    if env.is_main and not resume and path.exists():
+        shutil.rmtree(path)
+    dist.barrier()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: pretrain the full model.
+
+
+def pretrain(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: bool) -> dict:
+    work = out / "pretrain"
+    fresh(work, resume, env)
+    t = spec.training
+    torch.manual_seed(t.seed)
+    tables = table_configs(ds.feature_names, ds.num_embeddings, spec.model.embedding_dim)
+    model = build_dlrm(full_ebc(tables), spec.model, len(ds.dense_names))
+    register_embedding_optimizer(
+        model.model.sparse_arch.parameters(), t, t.embedding_lr, t.embedding_weight_decay
+    )
+    dmp, plan = plan_and_shard(model, env, torchrec_sharders(), None, t.batch_size)
+    log = log_for(env)
+    for line in describe_plan(plan):
+        log(f"[pretrain] plan {line}")
+    optimizer = make_optimizer(dmp, t, t.dense_lr)
+    result = train_stage(
+        "pretrain", dmp, optimizer, stage_data(ds, env), t, env, work, resume, log=log
+    )
+    result["embedding_bytes"] = sum(c.num_embeddings * c.embedding_dim * 4 for c in tables)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: compress the large tables.
+
+
+def table_key(name: str) -> str:
+    """A full table's weight in the pretrained model's state dict (as saved in checkpoints)."""
+    return f"model.sparse_arch.embedding_bag_collection.embedding_bags.{name}.weight"
+
+
+def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: bool) -> dict:
+    from mec_torchrec import quantize
+
+    work = out / "compress"
+    fresh(work, resume, env)
+    c, log = spec.compression, log_for(env)
+    tables = table_configs(ds.feature_names, ds.num_embeddings, spec.model.embedding_dim)
+    big = sorted(
+        (t for t in tables if t.num_embeddings >= c.min_rows), key=lambda t: -t.num_embeddings
+    )
+    # Largest first onto the least loaded rank: ranks quantize their tables in parallel.
+    load, owner = [0] * env.world_size, {}
+    for t in big:
+        owner[t.name] = min(range(env.world_size), key=load.__getitem__)
+        load[owner[t.name]] += t.num_embeddings
+    quantizer = (quantize.MECQuantizer if c.method == "mec" else quantize.PQQuantizer)(
+        num_subspaces=c.num_subspaces, codebook_size=c.codebook_size, **c.quantizer
+    )
+    for t in big:
+        info = work / f"{t.name}.json"
+        if owner[t.name] != env.rank or (resume and info.exists()):
+            continue
+        weight = torch.empty(t.num_embeddings, t.embedding_dim)
+        checkpoint.load_local(out / "pretrain" / "best", {"model": {table_key(t.name): weight}})
+        start = time.perf_counter()
+        table = quantizer.fit(weight, ds.counts(t.feature_names[0]))
+        seconds = time.perf_counter() - start
+        table.save(work / f"{t.name}.safetensors")
+        atomic_write_text(info, json.dumps(table_summary(table, weight, seconds)))
+        log(
+            f"[compress] {t.name}: {t.num_embeddings} rows, {table.compression_ratio:.1f}x, "
+            f"{seconds:.1f}s"
+        )
+    dist.barrier()
+    return {
+        "method": c.method,
+        "tables": {t.name: json.loads((work / f"{t.name}.json").read_text()) for t in big},
+        "uncompressed": {
+            t.name: {
+                "rows": t.num_embeddings,
+                "dim": t.embedding_dim,
+                "full_bytes": t.num_embeddings * t.embedding_dim * 4,
+                "bytes": t.num_embeddings * t.embedding_dim * 4,
+            }
+            for t in tables
+            if t.num_embeddings < c.min_rows
+        },
+    }
+
+
+def table_summary(table: Any, weight: torch.Tensor, seconds: float) -> dict[str, Any]:
+    """Sizes, reconstruction error and code usage of one compressed table (for the report)."""
+    usage = [
+        torch.bincount(table.codes[:, s].long(), minlength=table.codebook_size)
+        for s in range(table.num_subspaces)
+    ]
+    perplexity = []
+    for u in usage:
+        p = u.double() / u.sum()
+        perplexity.append(float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())))
+    decoded = table.decode()
+    return {
+        "rows": table.num_rows,
+        "dim": table.dim,
+        "num_subspaces": table.num_subspaces,
+        "codebook_size": table.codebook_size,
+        "full_bytes": table.full_nbytes,
+        "bytes": table.nbytes,
+        "ratio": table.compression_ratio,
+        "mse": float((decoded - weight).pow(2).mean()),
+        "cosine": float(torch.nn.functional.cosine_similarity(decoded, weight, dim=1).mean()),
+        "perplexity": perplexity,
+        "usage": [u.tolist() for u in usage],
+        "seconds": seconds,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: train with MEC tables (codes frozen, codebooks trained).
+
+
+def retrain(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: bool) -> dict:
+    result: dict[str, Any] = {"variants": {}}
+    for variant in spec.retrain.variants:
+        r = retrain_variant(spec, ds, env, out, resume, variant)
+        if r["start"] is not None:
+            result["no_retrain"] = r["start"]
+        result["variants"][variant] = r
+    return result
+
+
+def retrain_variant(
+    spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: bool, variant: str
+) -> dict:
+    from mec_torchrec.distributed import get_default_sharders, load_mec_state, make_planner
+    from mec_torchrec.modules import MECEmbeddingBagCollection, MECTableConfig
+    from mec_torchrec.quantize import CompressedTable
+
+    work = out / f"train_{variant}"
+    fresh(work, resume, env)
+    t, log = spec.retrain, log_for(env)
+    compressed = {
+        p.stem: CompressedTable.load(p) for p in sorted((out / "compress").glob("t_*.safetensors"))
+    }
+    tables = table_configs(ds.feature_names, ds.num_embeddings, spec.model.embedding_dim)
+    compression = {
+        n: MECTableConfig(c.num_subspaces, c.codebook_size) for n, c in compressed.items()
+    }
+    # Same seed as stage 1: the cold variant's dense layers start like the pretrained ones did.
+    torch.manual_seed(t.seed)
+    # Built on the real device, not meta: the module's id bounds (non-persistent buffers) must be
+    # real for the remap; codes and codebooks are small, that is the point of MEC.
+    mec = MECEmbeddingBagCollection(tables, compression, device=env.device)
+    model = build_dlrm(mec, spec.model, len(ds.dense_names))
+    bags = mec.codebooks.embedding_bags
+    codebook_params = [bags[n].weight for n in bags if "@" in n]
+    full_params = [bags[n].weight for n in bags if "@" not in n]
+    register_embedding_optimizer(codebook_params, t, t.codebook_lr, t.codebook_weight_decay)
+    if full_params:
+        register_embedding_optimizer(full_params, t, t.embedding_lr, t.embedding_weight_decay)
+    topology = Topology(
+        world_size=env.world_size,
+        compute_device=env.device.type,
+        local_world_size=env.local_world_size,
+    )
+    planner = make_planner(topology, batch_size=t.batch_size)
+    dmp, plan = plan_and_shard(model, env, get_default_sharders(), planner, t.batch_size)
+    for line in describe_plan(plan):
+        log(f"[train_{variant}] plan {line}")
+
+    # Stage-1 weights: small tables always, dense layers when warm; then codes and codebooks.
+    state = dmp.state_dict()
+    wanted = {}
+    for key, value in state.items():
+        if ".codes." in key or "@" in key:
+            continue
+        is_table = ".codebooks.embedding_bags." in key
+        if is_table or variant == "warm":
+            wanted[key.replace(".codebooks.embedding_bags.", ".embedding_bags.")] = value
+    checkpoint.load(out / "pretrain" / "best", {"model": wanted})
+    dmp.load_state_dict(
+        {
+            k: v
+            for k, v in state.items()
+            if k.replace(".codebooks.embedding_bags.", ".embedding_bags.") in wanted
+        },
+        strict=False,
+    )
+    load_mec_state(dmp, compressed)
+
+    dense_lr = t.dense_lr if variant == "warm" or t.cold_dense_lr is None else t.cold_dense_lr
+    optimizer = make_optimizer(dmp, t, dense_lr)
+    return train_stage(
+        f"train_{variant}",
+        dmp,
+        optimizer,
+        stage_data(ds, env),
+        t,
+        env,
+        work,
+        resume,
+        eval_at_start=variant == "warm",
+        log=log,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        spec = load_job_spec(args.spec)
+    except SpecError as e:
+        print(f"apps.dlrm.main: error: {e}", file=sys.stderr)
+        return 2
+    env = init_distributed()
+    log = log_for(env)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        atomic_write_text(out / "spec.json", json.dumps(spec_to_dict(spec), indent=1))
+    log(f"world size {env.world_size}, device {env.device}, backend {env.backend}")
+    ds = load_data(spec, out, env)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        result_path = out / stage / "result.json"
+        if args.resume and result_path.exists():
+            log(f"[{stage}] done already ({result_path}); skipped")
+            continue
+        start = time.perf_counter()
+        if stage == "pretrain":
+            result = pretrain(spec, ds, env, out, args.resume)
+        elif stage == "compress":
+            result = compress(spec, ds, env, out, args.resume)
+        else:
+            result = retrain(spec, ds, env, out, args.resume)
+        result["seconds"] = time.perf_counter() - start
+        if env.is_main:
+            atomic_write_text(result_path, json.dumps(result, indent=1))
+        dist.barrier()
+    if env.is_main:
+        summary = report.write(out)
+        print(report.table(summary))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

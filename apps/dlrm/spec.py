@@ -1,0 +1,222 @@
+"""Job specs: the YAML file that says what data, model, compression and training a run uses.
+
+A job spec is loaded into frozen dataclasses by a strict loader: an unknown key, a missing
+required key or a value of the wrong type is a ``SpecError`` that names the file and the key
+(``specs/x.yaml: training.dense_lr: expected a number, got 'fast'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; the message names the file and the key at fault."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """DLRM or DLRM_DCN from ``torchrec.models``; every table has ``embedding_dim`` columns."""
+
+    arch: Literal["dlrm", "dlrm_dcn"] = "dlrm"
+    embedding_dim: int = 64
+    # The last dense layer must equal embedding_dim (DLRM's interaction needs it).
+    dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [256, 64])
+    over_arch_layer_sizes: list[int] = field(default_factory=lambda: [256, 128, 1])
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 64
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """Stage 2: which tables are quantized and how."""
+
+    method: Literal["mec", "pq"] = "mec"
+    num_subspaces: int = 4
+    codebook_size: int = 256
+    # Tables with fewer rows stay full (MEC's cut_down): their codebooks would cost more than they save.
+    min_rows: int = 100_000
+    # Extra keyword arguments of MECQuantizer / PQQuantizer (epochs, lr, sample size, ...).
+    quantizer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Stage 1 (pretrain) optimisation. ``batch_size`` is per rank, as in TorchRec's dlrm_main."""
+
+    batch_size: int = 2048
+    eval_batch_size: int = 8192
+    epochs: int = 1
+    # Stop an epoch after this many steps (None: the whole split); for smoke tests and budgets.
+    max_steps_per_epoch: int | None = None
+    # Evaluate on valid after every this fraction of an epoch; keep the best state.
+    eval_every: float = 0.25
+    # Stop after this many evaluations without a better valid AUC (0: never stop early).
+    patience: int = 0
+    # Cap on the valid batches of one evaluation (None: the whole split); test is always whole.
+    max_eval_batches: int | None = None
+    dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    dense_lr: float = 1e-3
+    dense_weight_decay: float = 0.0
+    # Embedding tables train with FBGEMM's fused optimizers (the SGD/Adagrad family on CPU).
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    embedding_lr: float = 0.05
+    embedding_weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RetrainSpec(TrainingSpec):
+    """Stage 3: codes frozen, codebooks (and the dense layers) trained with the CTR loss.
+
+    ``variants`` lists how the dense layers start: ``warm`` from the pretrained model, ``cold``
+    from a fresh initialisation (as in the paper). The first variant is the report's ``mec``.
+    """
+
+    variants: list[Literal["warm", "cold"]] = field(default_factory=lambda: ["warm"])
+    codebook_lr: float = 0.01
+    codebook_weight_decay: float = 0.0
+    # Learning rate of the dense layers in the cold variant (warm uses dense_lr).
+    cold_dense_lr: float | None = None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A whole MEC job. Relative paths are resolved against the spec file's folder."""
+
+    data: str  # dataset spec (YAML) of mec_torchrec.data
+    model: ModelSpec = field(default_factory=ModelSpec)
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    retrain: RetrainSpec = field(default_factory=RetrainSpec)
+    # Processed data (vocabulary, counts, shards); None: DIR/data under the run's output folder.
+    data_dir: str | None = None
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Read and validate a job spec; raises ``SpecError`` naming the file and the key at fault."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such job spec") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    try:
+        spec = _build(JobSpec, raw, "")
+        _check(spec)
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from None
+    base = path.resolve().parent
+    return dataclasses.replace(
+        spec,
+        data=str(base / spec.data),
+        data_dir=None if spec.data_dir is None else str(base / spec.data_dir),
+    )
+
+
+def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def _check(spec: JobSpec) -> None:
+    m, c = spec.model, spec.compression
+    if m.dense_arch_layer_sizes[-1:] != [m.embedding_dim]:
+        raise SpecError(
+            f"model.dense_arch_layer_sizes: the last size must equal model.embedding_dim "
+            f"({m.embedding_dim}), got {m.dense_arch_layer_sizes}"
+        )
+    if m.over_arch_layer_sizes[-1:] != [1]:
+        raise SpecError(
+            f"model.over_arch_layer_sizes: must end with 1, got {m.over_arch_layer_sizes}"
+        )
+    if m.embedding_dim % c.num_subspaces:
+        raise SpecError(
+            f"compression.num_subspaces: {c.num_subspaces} does not divide "
+            f"model.embedding_dim {m.embedding_dim}"
+        )
+    for name in ("training", "retrain"):
+        t: TrainingSpec = getattr(spec, name)
+        for key in ("batch_size", "eval_batch_size", "epochs"):
+            if getattr(t, key) < 1:
+                raise SpecError(f"{name}.{key}: must be >= 1, got {getattr(t, key)}")
+        if not 0 < t.eval_every <= 1:
+            raise SpecError(f"{name}.eval_every: must be in (0, 1], got {t.eval_every}")
+    if not spec.retrain.variants:
+        raise SpecError("retrain.variants: give at least one of 'warm', 'cold'")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where or 'top level'}: expected a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
+        raise SpecError(f"{key}: unknown key (expected one of: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in raw:
+            values[name] = _convert(hints[name], raw[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(f"{key}: required key is missing")
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise SpecError(f"{key}: expected one of {list(args)}, got {_show(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise SpecError(f"{key}: expected a list, got {_show(value)}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise SpecError(f"{key}: expected a mapping with string keys, got {_show(value)}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{key}: expected true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{key}: expected an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        # YAML reads 1e-3 (no dot) as a string; accept it as the number it means.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{key}: expected a number, got {_show(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise SpecError(f"{key}: expected a string, got {_show(value)}")
+        return value
+    raise TypeError(f"{key}: unsupported spec type {tp!r}")
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})" if value is not None else "null"
