@@ -61,9 +61,12 @@ def _inspect(args: argparse.Namespace) -> int:
         head = max(1, (len(counts) - 1) // 100)
         print(f"  {name:10s} {len(counts):>10,} {counts[0] / total:>12.3f} "
               f"{counts[:head].sum() / total:>13.3f} {counts[-1] / total:>10.4f}")
-    synth = Path(args.spec).parent / "synth.json"
-    if synth.is_file():
-        _print_aucs(json.loads(synth.read_text()))
+    spec = load_dataset_spec(args.spec)
+    # `mec data synth` writes synth.json beside its spec, one level above the split folders.
+    for folder in (Path(args.spec).parent, spec.files("train")[0].parent.parent):
+        if (folder / "synth.json").is_file():
+            _print_aucs(json.loads((folder / "synth.json").read_text()))
+            break
     return 0
 
 

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 from mec_torchrec.data.errors import DataError
 from mec_torchrec.data.spec import CRITEO_CATEGORICAL, CRITEO_DENSE, CRITEO_LABEL, DatasetSpec
 
-BATCH_ROWS = 65536
+BATCH_ROWS = 65536  # rows per batch from parquet and .npy files
+TEXT_BLOCK_BYTES = 1 << 22  # bytes per batch from csv and tsv files
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def _read_text(spec: DatasetSpec, path: Path) -> Iterator[pa.RecordBatch]:
     tsv = spec.format == "criteo_tsv"
     names = [CRITEO_LABEL, *CRITEO_DENSE, *CRITEO_CATEGORICAL] if tsv else None
     text_columns = [spec.label, *spec.dense, *spec.categorical, *spec.multi_valued]
-    read = pacsv.ReadOptions(use_threads=False, block_size=1 << 22, column_names=names)
+    read = pacsv.ReadOptions(use_threads=False, block_size=TEXT_BLOCK_BYTES, column_names=names)
     parse = pacsv.ParseOptions(delimiter="\t" if tsv else spec.csv_delimiter,
                                invalid_row_handler=on_invalid)
     convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in text_columns},

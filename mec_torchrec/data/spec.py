@@ -105,7 +105,7 @@ def dataset_spec_from_dict(raw: dict[str, Any], base_dir: str | os.PathLike = ".
 
     base = Path(base_dir)
     paths = {
-        split: tuple(str(base / p) for p in _as_tuple(where, split, raw.get(split)))
+        split: tuple(os.path.normpath(base / p) for p in _as_tuple(where, split, raw.get(split)))
         for split in SPLITS
     }
     if not paths["train"]:
