@@ -147,3 +147,22 @@ def test_state_dict_round_trip() -> None:
     kjt = random_kjt(_tables(), batch=6, weighted=False, generator=torch.Generator().manual_seed(8))
     assert torch.equal(other(kjt).values(), mec(kjt).values())
     assert torch.equal(other.codes.t_c, mec.codes.t_c)
+
+
+def test_output_equals_ebc_for_one_hot_batches_with_uniform_codes() -> None:
+    """One id per bag and one L for all compressed tables: remap's stacked-transpose path."""
+    tables = [t for t in _tables() if len(t.feature_names) == 1 and t.name != "t_e"]
+    tables.append(EmbeddingBagConfig(name="t_e", embedding_dim=4, num_embeddings=50,
+                                     feature_names=["e"]))
+    mec = make_mec(tables, {"t_a": MECTableConfig(4, 16), "t_e": MECTableConfig(4, 8)},
+                   is_weighted=True)
+    ebc = mec.decompress()
+    g = torch.Generator().manual_seed(9)
+    batch = 6
+    values = torch.cat([torch.randint(0, t.num_embeddings, (batch,), generator=g) for t in tables])
+    kjt = KeyedJaggedTensor(keys=["a", "b", "e"], values=values,
+                            lengths=torch.ones(3 * batch, dtype=torch.int64),
+                            weights=torch.rand(values.numel(), generator=g))
+    torch.testing.assert_close(mec(kjt).values(), ebc(kjt).values(), atol=1e-5, rtol=0)
+    assert mec.remap(kjt).to_dict()["e@3"].values().tolist() == \
+        mec.codes.t_e[values[2 * batch:], 3].tolist()

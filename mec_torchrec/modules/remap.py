@@ -108,26 +108,38 @@ def remap_values(
         start += num
     value_parts = values.split(counts)
     weight_parts = weights.split(counts) if weights is not None else None
+    compressed = [t for t, code_index in enumerate(table_codes) if code_index >= 0]
+    gathered = [codes[table_codes[t]].index_select(0, value_parts[t]) for t in compressed]
+    # Lookup order wants each feature's codes subspace-major ([L, n] flattened). In the common
+    # case (one feature per table, equal L and id counts, e.g. one-hot batches) one stacked
+    # transpose serves all tables; per-op overhead, not bytes, is what costs here.
+    transposed: dict[int, list[torch.Tensor]] = {}
+    if gathered and all(table_num_features[t] == 1 for t in compressed) and all(
+        g.shape == gathered[0].shape for g in gathered
+    ):
+        block = torch.stack(gathered).transpose(1, 2).reshape(len(gathered), -1)
+        transposed = {t: [block[k]] for k, t in enumerate(compressed)}
+    else:
+        starts = list(accumulate(table_num_features, initial=0))
+        for t, g in zip(compressed, gathered):
+            feature_counts = length_per_key[starts[t] : starts[t + 1]]
+            transposed[t] = [part.t().reshape(-1) for part in g.split(feature_counts)]
     out_values: list[torch.Tensor] = []
     out_weights: list[torch.Tensor] = []
     first = 0
     for t, code_index in enumerate(table_codes):
         num = table_num_features[t]
-        ids = value_parts[t]
         w = weight_parts[t] if weight_parts is not None else None
         if code_index < 0:
-            out_values.append(ids)
+            out_values.append(value_parts[t])
             if w is not None:
                 out_weights.append(w)
         else:
-            table_codes_tensor = codes[code_index]
-            num_subspaces = table_codes_tensor.shape[1]
-            gathered = table_codes_tensor[ids]
-            feature_counts = length_per_key[first : first + num]
-            per_feature = gathered.split(feature_counts) if num > 1 else [gathered]
-            per_weight = (w.split(feature_counts) if num > 1 else [w]) if w is not None else []
-            out_values += [g.t().reshape(-1) for g in per_feature]
-            out_weights += [fw.repeat(num_subspaces) for fw in per_weight]
+            out_values += transposed[t]
+            if w is not None:
+                num_subspaces = codes[code_index].shape[1]
+                feature_counts = length_per_key[first : first + num]
+                out_weights += [part.repeat(num_subspaces) for part in w.split(feature_counts)]
         first += num
     new_values = torch.cat(out_values).to(torch.int64)
     new_lengths = lengths.view(-1, stride).index_select(0, lookup_sources).reshape(-1)
