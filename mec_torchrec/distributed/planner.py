@@ -1,0 +1,142 @@
+"""Planning MEC modules: reserve the replicated codes, then let the stock planner do the rest.
+
+TorchRec 1.8's planner sizes each sharding option from the tensors `shardable_parameters()`
+returns and never calls `ModuleSharder.storage_usage()`. For a MEC module those tensors are the
+codebook tables (and the full, uncompressed tables), which the stock storage estimator already
+sizes correctly. What it cannot see are the `codes` buffers: non-trainable, replicated in full on
+every rank whatever the plan, and skipped by the stock reservations (which treat the whole MEC
+module as "sharded"). A per-rank fixed cost is what a `StorageReservation` models, so that is where
+the codes are counted; a `ShardEstimator` attaches bytes to individual shards and would put them
+on only the ranks holding a given shard.
+"""
+
+import copy
+
+from torch import nn
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import (
+    ParameterConstraints,
+    PlannerError,
+    PlannerErrorType,
+    Storage,
+    StorageReservation,
+    Topology,
+)
+from torchrec.distributed.types import ModuleSharder
+
+from mec_torchrec.modules import MECEmbeddingBagCollection
+
+
+def mec_modules(module: nn.Module) -> list[MECEmbeddingBagCollection]:
+    """Every distinct `MECEmbeddingBagCollection` inside `module` (itself included)."""
+    seen: dict[int, MECEmbeddingBagCollection] = {}
+    for m in module.modules():
+        if type(m) is MECEmbeddingBagCollection:
+            seen.setdefault(id(m), m)
+    return list(seen.values())
+
+
+def replicated_bytes(module: nn.Module) -> int:
+    """Bytes of MEC codes inside `module`: what every rank holds whatever the plan.
+
+    Works on meta-device modules (sizes come from shapes and dtypes), so a plan can be checked
+    without allocating the codes.
+    """
+    return sum(
+        b.numel() * b.element_size() for mec in mec_modules(module) for b in mec.codes.buffers()
+    )
+
+
+class MECStorageReservation(HeuristicalStorageReservation):
+    """TorchRec's heuristic reservation (dense parameters, KJT buffers, margin) plus the codes.
+
+    The replicated MEC codes are subtracted from every rank's HBM (CUDA) or DDR (CPU) and reported
+    as part of the per-rank dense reservation in the planner's stats. Subclassing the stock
+    reservation keeps the planner's error messages and stats working (they read its fields).
+
+    Args:
+        percentage: extra margin of HBM to keep free, as for the stock reservation.
+        parameter_multiplier: heuristic multiplier for dense parameter bytes (stock default 6).
+        dense_tensor_estimate: bytes of dense tensors per rank, overriding the heuristic.
+
+    Raises:
+        PlannerError (INSUFFICIENT_STORAGE) from `reserve` when the codes do not fit on a rank,
+        naming the bytes needed and left.
+    """
+
+    def __init__(
+        self,
+        percentage: float = 0.15,
+        parameter_multiplier: float = 6.0,
+        dense_tensor_estimate: int | None = None,
+    ) -> None:
+        super().__init__(percentage, parameter_multiplier, dense_tensor_estimate)
+        self.codes_bytes: int = 0
+
+    def reserve(
+        self,
+        topology: Topology,
+        batch_size: int,
+        module: nn.Module,
+        sharders: list[ModuleSharder[nn.Module]],
+        constraints: dict[str, ParameterConstraints] | None = None,
+    ) -> Topology:
+        reserved = super().reserve(topology, batch_size, module, sharders, constraints)
+        self.codes_bytes = replicated_bytes(module)
+        on_hbm = topology.compute_device in {"cuda", "mtia"}
+        codes = Storage(
+            hbm=self.codes_bytes if on_hbm else 0,
+            ddr=0 if on_hbm else self.codes_bytes,
+            ssd=0,
+        )
+        for rank, device in enumerate(reserved.devices):
+            free = device.storage.hbm if on_hbm else device.storage.ddr
+            if free < self.codes_bytes:
+                raise PlannerError(
+                    error_type=PlannerErrorType.INSUFFICIENT_STORAGE,
+                    message=(
+                        f"MEC codes need {self.codes_bytes} bytes on every rank; rank {rank} has "
+                        f"{free} bytes of {'HBM' if on_hbm else 'DDR'} left after the dense and "
+                        "KJT reservations"
+                    ),
+                )
+            device.storage -= codes
+        if self._dense_storage is not None:
+            self._dense_storage += codes
+        self._last_reserved_topology = copy.deepcopy(reserved)
+        return reserved
+
+
+def make_planner(
+    topology: Topology,
+    batch_size: int,
+    *,
+    constraints: dict[str, ParameterConstraints] | None = None,
+    reservation: StorageReservation | None = None,
+    debug: bool = False,
+) -> EmbeddingShardingPlanner:
+    """An `EmbeddingShardingPlanner` whose storage reservation counts the replicated MEC codes.
+
+    Use it with `get_default_sharders()`. Plans are keyed by the MEC module's fqn and its inner
+    table names (`t@0`, ..., full tables by name), so `constraints` use those names too.
+
+    Args:
+        topology: devices and their memory (the per-rank budget).
+        batch_size: per-rank batch size (sizes the KJT reservation).
+        constraints: per inner table constraints, as for the stock planner.
+        reservation: a `MECStorageReservation` with non-default settings; the default otherwise.
+        debug: print the planner's stats table.
+
+    Example::
+
+        planner = make_planner(Topology(world_size=2, compute_device="cpu"), batch_size=4096)
+        plan = planner.collective_plan(model, get_default_sharders(), pg)
+    """
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=constraints,
+        storage_reservation=reservation or MECStorageReservation(),
+        debug=debug,
+    )

@@ -1,0 +1,271 @@
+"""Sharding a `MECEmbeddingBagCollection`: replicated codes, stock-sharded codebooks.
+
+The MEC module is two halves around a stock `EmbeddingBagCollection`: `remap` turns raw ids into
+code ids through the `codes` buffers, and `regroup` stitches the pooled sub-embeddings back into
+the plain-EBC layout. Sharding keeps that shape:
+
+    features --remap (local, codes replicated on every rank)--> code-id KJT
+             --input dist / lookup / output dist (stock ShardedEmbeddingBagCollection)-->
+             pooled sub-embeddings --regroup--> KeyedTensor (same layout as a plain EBC)
+
+Every learnable row lives in the inner `codebooks` EBC, so the stock EBC sharder does all the
+distribution work and the planner plans the inner tables (`t@0 .. t@{L-1}`, full tables as-is).
+"""
+
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embedding_types import BaseEmbeddingSharder, KJTList
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionContext,
+    EmbeddingBagCollectionSharder,
+    ShardedEmbeddingBagCollection,
+)
+from torchrec.distributed.sharding_plan import get_default_sharders as _torchrec_default_sharders
+from torchrec.distributed.types import (
+    Awaitable,
+    LazyAwaitable,
+    ModuleSharder,
+    ParameterSharding,
+    QuantizedCommCodecs,
+    ShardedModule,
+    ShardingEnv,
+    ShardingType,
+)
+from torchrec.distributed.utils import append_prefix
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from mec_torchrec.modules import MECEmbeddingBagCollection
+
+if TYPE_CHECKING:
+    from mec_torchrec.quantize import CompressedTable
+
+#: Codebook sharding types this sharder supports (and tests), data_parallel first: codebooks are
+#: small, so replicating them removes both all-to-alls for compressed features.
+SUPPORTED_SHARDING_TYPES: list[str] = [
+    ShardingType.DATA_PARALLEL.value,
+    ShardingType.TABLE_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.ROW_WISE.value,
+]
+
+
+def _broadcast_codes(codes: nn.Module, pg: dist.ProcessGroup) -> None:
+    # A module built on each rank draws its own random codes; like DDP's initial parameter sync,
+    # rank 0's copy wins so every replica remaps ids the same way.
+    src = dist.get_global_rank(pg, 0)
+    for buffer in codes.buffers():
+        dist.broadcast(buffer, src=src, group=pg)
+
+
+def _regroup_callback(
+    regroup: Callable[[dict[str, torch.Tensor]], KeyedTensor], pooled: KeyedTensor
+) -> KeyedTensor:
+    # Sharded output keys come in sharding order, so go through the dict, never positions.
+    return regroup(pooled.to_dict())
+
+
+class ShardedMECEmbeddingBagCollection(
+    ShardedModule[KJTList, list[torch.Tensor], KeyedTensor, EmbeddingBagCollectionContext]
+):
+    """Sharded counterpart of `MECEmbeddingBagCollection`.
+
+    Children mirror the unsharded module so state dicts line up key for key:
+    `codes` (the module's own buffer container, moved to `device`, one full copy per rank) and
+    `codebooks` (a `ShardedEmbeddingBagCollection` built by the stock sharder from the plan).
+
+    Args:
+        module: the unsharded MEC module (its `codes` container is reused, not copied).
+        table_name_to_parameter_sharding: plan for the inner codebook tables.
+        ebc_sharder: the stock sharder that shards `module.codebooks`.
+        env: sharding environment.
+        device: compute device; codes are placed here.
+        module_fqn: fully qualified name of the MEC module in the model.
+    """
+
+    def __init__(
+        self,
+        module: MECEmbeddingBagCollection,
+        table_name_to_parameter_sharding: dict[str, ParameterSharding],
+        ebc_sharder: EmbeddingBagCollectionSharder,
+        env: ShardingEnv,
+        device: torch.device,
+        module_fqn: str | None = None,
+    ) -> None:
+        super().__init__(qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry)
+        self._env = env
+        self._device = device
+        unsupported = {
+            name: ps.sharding_type
+            for name, ps in table_name_to_parameter_sharding.items()
+            if ps.sharding_type not in SUPPORTED_SHARDING_TYPES
+        }
+        if unsupported:
+            raise ValueError(
+                f"MEC codebook tables {unsupported} use unsupported sharding types; "
+                f"expected one of {SUPPORTED_SHARDING_TYPES}"
+            )
+        # Meta codes stay meta here: DistributedModelParallel materializes (zero-fills) them and
+        # load_mec_state / load_state_dict fills them afterwards.
+        on_meta = any(b.is_meta for b in module.codes.buffers())
+        self.codes: nn.Module = module.codes if on_meta else module.codes.to(device)
+        if not on_meta and env.process_group is not None and env.world_size > 1:
+            _broadcast_codes(self.codes, env.process_group)
+        self.codebooks: ShardedEmbeddingBagCollection = ebc_sharder.shard(
+            module.codebooks,
+            table_name_to_parameter_sharding,
+            env=env,
+            device=device,
+            module_fqn=append_prefix(module_fqn or "", "codebooks"),
+        )
+        # remap/regroup read only the module's configuration and its `codes` container (shared
+        # with self.codes above); the module is kept outside the nn.Module tree so its unsharded
+        # codebooks are neither registered here nor saved twice.
+        self._remap: Callable[[KeyedJaggedTensor], KeyedJaggedTensor] = module.remap
+        self._regroup: Callable[[dict[str, torch.Tensor]], KeyedTensor] = module.regroup
+
+    def create_context(self) -> EmbeddingBagCollectionContext:
+        return self.codebooks.create_context()
+
+    def input_dist(  # type: ignore[override]
+        self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
+    ) -> Awaitable[Awaitable[KJTList]]:
+        """Remaps ids to code ids locally, then runs the stock input all-to-all on code ids."""
+        with torch.no_grad():
+            code_ids = self._remap(features)
+        return self.codebooks.input_dist(ctx, code_ids)
+
+    def compute(
+        self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList
+    ) -> list[torch.Tensor]:
+        return self.codebooks.compute(ctx, dist_input)
+
+    def output_dist(
+        self, ctx: EmbeddingBagCollectionContext, output: list[torch.Tensor]
+    ) -> LazyAwaitable[KeyedTensor]:
+        return self._with_regroup(self.codebooks.output_dist(ctx, output))
+
+    def compute_and_output_dist(
+        self, ctx: EmbeddingBagCollectionContext, input: KJTList
+    ) -> LazyAwaitable[KeyedTensor]:
+        return self._with_regroup(self.codebooks.compute_and_output_dist(ctx, input))
+
+    def _with_regroup(self, pooled: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
+        pooled.callbacks.append(partial(_regroup_callback, self._regroup))
+        return pooled
+
+    def load_compressed(self, name: str, table: "CompressedTable") -> None:
+        """Fills table `name`'s codes (every rank) and its codebook shards from `table`.
+
+        Same verb as the unsharded module's; use it after DistributedModelParallel has wrapped the
+        model (DMP zero-fills meta codes and does not copy the unsharded module's weights).
+        """
+        codes: torch.Tensor | None = getattr(self.codes, name, None)
+        if codes is None:
+            raise KeyError(f"no compressed table {name!r} in this MEC module")
+        if table.codes.shape != codes.shape:
+            raise ValueError(
+                f"table {name!r}: codes shape {tuple(table.codes.shape)}, expected "
+                f"{tuple(codes.shape)} (rows, subspaces)"
+            )
+        state = {f"codes.{name}": table.codes}
+        for subspace in range(table.codebooks.shape[0]):
+            key = f"codebooks.embedding_bags.{name}@{subspace}.weight"
+            state[key] = table.codebooks[subspace]
+        result = self.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise KeyError(
+                f"table {name!r}: keys {result.unexpected_keys} match no codes buffer or codebook "
+                f"(expected {table.codebooks.shape[0]} subspaces)"
+            )
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        # Every parameter lives in the sharded codebooks; DMP's DDP must leave them alone.
+        yield from self.codebooks.sharded_parameter_names(append_prefix(prefix, "codebooks"))
+
+    @property
+    def unsharded_module_type(self) -> type[MECEmbeddingBagCollection]:
+        return MECEmbeddingBagCollection
+
+
+class MECEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MECEmbeddingBagCollection]):
+    """Sharder for `MECEmbeddingBagCollection`, wrapping the stock `EmbeddingBagCollectionSharder`.
+
+    The planner sees the inner codebook tables as the module's shardable parameters, so plans
+    are keyed by inner table name (`t@0`, ..., full tables by their own name) under the MEC
+    module's fqn. Codes are never sharded; `mec_torchrec.distributed.make_planner` reserves their
+    bytes on every rank.
+
+    Args:
+        ebc_sharder: the stock sharder to delegate to (pass one with `fused_params` to choose the
+            fused optimizer); a default `EmbeddingBagCollectionSharder` if None.
+        qcomm_codecs_registry: quantized communication codecs, as for the stock sharder.
+
+    Example::
+
+        model = DistributedModelParallel(
+            model, env=env, plan=plan, sharders=get_default_sharders()
+        )
+    """
+
+    def __init__(
+        self,
+        ebc_sharder: EmbeddingBagCollectionSharder | None = None,
+        qcomm_codecs_registry: dict[str, QuantizedCommCodecs] | None = None,
+    ) -> None:
+        super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
+        self._ebc_sharder: EmbeddingBagCollectionSharder = ebc_sharder or (
+            EmbeddingBagCollectionSharder(qcomm_codecs_registry=self.qcomm_codecs_registry)
+        )
+
+    def shard(
+        self,
+        module: MECEmbeddingBagCollection,
+        params: dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: torch.device | None = None,
+        module_fqn: str | None = None,
+    ) -> ShardedMECEmbeddingBagCollection:
+        return ShardedMECEmbeddingBagCollection(
+            module,
+            params,
+            ebc_sharder=self._ebc_sharder,
+            env=env,
+            device=device or torch.device("cuda"),
+            module_fqn=module_fqn,
+        )
+
+    def shardable_parameters(self, module: MECEmbeddingBagCollection) -> dict[str, nn.Parameter]:
+        return self._ebc_sharder.shardable_parameters(module.codebooks)
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        return list(SUPPORTED_SHARDING_TYPES)
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        return self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)
+
+    @property
+    def fused_params(self) -> dict[str, Any] | None:
+        return self._ebc_sharder.fused_params
+
+    @property
+    def module_type(self) -> type[MECEmbeddingBagCollection]:
+        return MECEmbeddingBagCollection
+
+    @property
+    def sharded_module_type(self) -> type[ShardedMECEmbeddingBagCollection]:
+        return ShardedMECEmbeddingBagCollection
+
+
+def get_default_sharders() -> list[ModuleSharder[nn.Module]]:
+    """TorchRec's default sharders plus `MECEmbeddingBagCollectionSharder`.
+
+    The one-line swap for an existing pipeline: pass this wherever
+    `torchrec.distributed.sharding_plan.get_default_sharders()` was passed (the planner and
+    `DistributedModelParallel`).
+    """
+    return [*_torchrec_default_sharders(), MECEmbeddingBagCollectionSharder()]
