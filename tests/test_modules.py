@@ -166,3 +166,11 @@ def test_output_equals_ebc_for_one_hot_batches_with_uniform_codes() -> None:
     torch.testing.assert_close(mec(kjt).values(), ebc(kjt).values(), atol=1e-5, rtol=0)
     assert mec.remap(kjt).to_dict()["e@3"].values().tolist() == \
         mec.codes.t_e[values[2 * batch:], 3].tolist()
+
+
+def test_embedding_bytes_count_codes_and_codebooks() -> None:
+    sizes = make_mec().embedding_bytes()
+    assert sizes["t_a"].full == 500 * 8 * 4
+    assert sizes["t_a"].stored == 500 * 4 * 1 + 4 * 16 * 2 * 4  # uint8 codes + codebooks
+    assert sizes["t_b"].stored == sizes["t_b"].full == 7 * 4 * 4
+    assert sizes["t_a"].ratio == sizes["t_a"].full / sizes["t_a"].stored
