@@ -5,6 +5,7 @@ from mec_torchrec.data.dataset import ProcessedDataset
 from mec_torchrec.data.errors import DataError
 from mec_torchrec.data.prepare import prepare_dataset
 from mec_torchrec.data.spec import DatasetSpec, dataset_spec_from_dict, load_dataset_spec
+from mec_torchrec.data.synth import SynthSummary, synthesize
 
-__all__ = ["DataError", "DatasetSpec", "ProcessedDataset", "dataset_spec_from_dict",
-           "load_dataset_spec", "prepare_dataset"]
+__all__ = ["DataError", "DatasetSpec", "ProcessedDataset", "SynthSummary",
+           "dataset_spec_from_dict", "load_dataset_spec", "prepare_dataset", "synthesize"]
