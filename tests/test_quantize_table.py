@@ -23,8 +23,13 @@ def test_decode_concatenates_codebook_entries():
 
 @pytest.mark.parametrize(
     ("k", "dtype"),
-    [(2, torch.uint8), (256, torch.uint8), (257, torch.int16), (32768, torch.int16),
-     (32769, torch.int32)],
+    [
+        (2, torch.uint8),
+        (256, torch.uint8),
+        (257, torch.int16),
+        (32768, torch.int16),
+        (32769, torch.int32),
+    ],
 )
 def test_codes_use_smallest_dtype(k, dtype):
     assert code_dtype(k) == dtype

@@ -1,5 +1,7 @@
 """Product quantization of embedding tables: CompressedTable and the quantizers that make it."""
 
+from mec_torchrec.quantize.mec import MECQuantizer
+from mec_torchrec.quantize.pq import PQQuantizer
 from mec_torchrec.quantize.table import CompressedTable, code_dtype, decode_codes
 
-__all__ = ["CompressedTable", "code_dtype", "decode_codes"]
+__all__ = ["CompressedTable", "MECQuantizer", "PQQuantizer", "code_dtype", "decode_codes"]

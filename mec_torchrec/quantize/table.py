@@ -86,9 +86,7 @@ class CompressedTable:
         if codes.numel() > 0:
             lo, hi = int(codes.min()), int(codes.max())
             if lo < 0 or hi >= codebook_size:
-                raise ValueError(
-                    f"codes out of range [0, {codebook_size}): min {lo}, max {hi}"
-                )
+                raise ValueError(f"codes out of range [0, {codebook_size}): min {lo}, max {hi}")
         self.codes = codes.to(code_dtype(codebook_size)).contiguous()
         self.codebooks = codebooks.to(torch.float32).contiguous()
         self.stats: dict[str, Any] = dict(stats) if stats else {}
