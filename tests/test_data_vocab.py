@@ -15,7 +15,9 @@ from mec_torchrec.data import vocab as vocab_module
 from mec_torchrec.data.spec import CRITEO_CATEGORICAL, CRITEO_DENSE, load_dataset_spec
 
 
-def test_counts_match_a_brute_force_count_of_train_only(write_spec, tmp_path, monkeypatch):
+@pytest.mark.parametrize("hash_lookup_max", [1 << 16, 0], ids=["hash-lookup", "sorted-lookup"])
+def test_counts_match_a_brute_force_count_of_train_only(write_spec, tmp_path, monkeypatch,
+                                                       hash_lookup_max):
     if not CRITEO_SAMPLE.is_file():
         pytest.skip(f"{CRITEO_SAMPLE} (the shared Criteo sample) is not on this machine")
     with open(CRITEO_SAMPLE) as f:
@@ -27,6 +29,7 @@ def test_counts_match_a_brute_force_count_of_train_only(write_spec, tmp_path, mo
         "\n".join([header] + [",".join(r.values()) for r in rows[150:]]) + "\n")
     monkeypatch.setattr(readers, "TEXT_BLOCK_BYTES", 2048)  # many partial counts to merge
     monkeypatch.setattr(vocab_module, "_COMPACT_EVERY", 3)
+    monkeypatch.setattr(vocab_module, "HASH_LOOKUP_MAX", hash_lookup_max)
     spec = write_spec(format="csv", train="train.csv", valid="valid.csv", label="label",
                       dense=list(CRITEO_DENSE), categorical=list(CRITEO_CATEGORICAL), min_count=2)
     ds = prepare_dataset(load_dataset_spec(spec), tmp_path / "work")
@@ -55,7 +58,10 @@ def test_ids_are_ordered_by_count_with_ties_broken_by_value(write_spec, tmp_path
         [0, 0, 0, 2, 2, 1, 1, 3]
 
 
-def test_missing_values_get_their_own_id_distinct_from_oov(write_spec, tmp_path):
+@pytest.mark.parametrize("hash_lookup_max", [1 << 16, 0], ids=["hash-lookup", "sorted-lookup"])
+def test_missing_values_get_their_own_id_distinct_from_oov(write_spec, tmp_path, monkeypatch,
+                                                           hash_lookup_max):
+    monkeypatch.setattr(vocab_module, "HASH_LOOKUP_MAX", hash_lookup_max)
     pq.write_table(pa.table({"y": [0, 1, 0], "f": [None, None, 5]}), tmp_path / "t.parquet")
     spec = write_spec(format="parquet", train="t.parquet", label="y", categorical=["f"])
     ds = prepare_dataset(load_dataset_spec(spec), tmp_path / "work")

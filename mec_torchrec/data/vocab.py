@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +17,7 @@ import pyarrow.compute as pc
 
 from mec_torchrec.data.readers import SourceBatch
 
+HASH_LOOKUP_MAX = 1 << 16  # larger vocabularies use a sorted search (see lookup)
 _COMPACT_EVERY = 32  # merge partial counts every N batches: bounded memory, few group-bys
 
 
@@ -39,8 +41,32 @@ class Vocabulary:
 
     def lookup(self, values: pa.Array) -> np.ndarray:
         """Ids (int64) of ``values``; values outside the vocabulary get the OOV id."""
-        ids = pc.index_in(values, value_set=self.values, skip_nulls=False)
-        return pc.fill_null(ids, self.oov_id).to_numpy(zero_copy_only=False).astype(np.int64)
+        if len(self.values) <= HASH_LOOKUP_MAX:
+            ids = pc.index_in(values, value_set=self.values, skip_nulls=False)
+            return pc.fill_null(ids, self.oov_id).to_numpy(zero_copy_only=False).astype(np.int64)
+        return self._sorted_lookup(values)
+
+    @cached_property
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Non-null values sorted [m], their ids [m], and the id of the null value (or OOV)."""
+        valid = pc.is_valid(self.values).to_numpy(zero_copy_only=False)
+        ids = np.flatnonzero(valid)
+        keys = _numpy_keys(self.values.filter(pa.array(valid)))
+        order = np.argsort(keys, kind="stable")
+        null_id = int(np.flatnonzero(~valid)[0]) if not valid.all() else self.oov_id
+        return keys[order], ids[order], null_id
+
+    def _sorted_lookup(self, values: pa.Array) -> np.ndarray:
+        # pyarrow's index_in rebuilds its hash table on every call: for vocabularies of millions
+        # that dominates, so large ones are searched in a sorted copy built once.
+        keys, ids, null_id = self._sorted
+        valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
+        if len(keys) == 0:
+            return np.where(valid, self.oov_id, null_id).astype(np.int64)
+        query = _numpy_keys(pc.fill_null(values, keys[0]))
+        pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+        out = np.where(keys[pos] == query, ids[pos], self.oov_id)
+        return np.where(valid, out, null_id).astype(np.int64)
 
     def to_table(self) -> pa.Table:
         """Rows in id order; the last row is the OOV id (value null)."""
@@ -52,6 +78,13 @@ class Vocabulary:
         values = table.column("value").combine_chunks()
         return Vocabulary(values.slice(0, len(values) - 1),
                           table.column("count").to_numpy().astype(np.int64))
+
+
+def _numpy_keys(values: pa.Array) -> np.ndarray:
+    """Non-null ``values`` as a comparable numpy array (int64, or fixed-width unicode)."""
+    if pa.types.is_integer(values.type):
+        return values.to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.array(values.to_pylist(), dtype=str)
 
 
 def _flat(column: pa.Array) -> pa.Array:
