@@ -2,7 +2,9 @@
 
 from mec_torchrec.distributed.loading import load_mec_state
 from mec_torchrec.distributed.planner import (
+    MECShardingPlanner,
     MECStorageReservation,
+    codebook_tables,
     make_planner,
     mec_modules,
     replicated_bytes,
@@ -17,8 +19,10 @@ from mec_torchrec.distributed.sharder import (
 __all__ = [
     "SUPPORTED_SHARDING_TYPES",
     "MECEmbeddingBagCollectionSharder",
+    "MECShardingPlanner",
     "MECStorageReservation",
     "ShardedMECEmbeddingBagCollection",
+    "codebook_tables",
     "get_default_sharders",
     "load_mec_state",
     "make_planner",

@@ -23,7 +23,7 @@ from torchrec.distributed.planner.types import (
     StorageReservation,
     Topology,
 )
-from torchrec.distributed.types import ModuleSharder
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
 from mec_torchrec.modules import MECEmbeddingBagCollection
 
@@ -108,15 +108,58 @@ class MECStorageReservation(HeuristicalStorageReservation):
         return reserved
 
 
+def codebook_tables(module: nn.Module) -> list[str]:
+    """Inner table names of every MEC module's codebooks (not its full, uncompressed tables)."""
+    names = []
+    for mec in mec_modules(module):
+        full = {t.name for t in mec.embedding_bag_configs()}
+        names += [t.name for t in mec.codebooks.embedding_bag_configs() if t.name not in full]
+    return names
+
+
+class MECShardingPlanner(EmbeddingShardingPlanner):
+    """`EmbeddingShardingPlanner` that plans MEC codebooks `codebook_sharding_types` by default.
+
+    Codebooks are tiny (K x D/L), so replicating them (data_parallel) removes the all-to-alls of
+    compressed features; left free, TorchRec's planner sometimes shards them table-wise. Tables the
+    caller constrains keep the caller's constraints. Build it with `make_planner`.
+    """
+
+    def __init__(
+        self,
+        *,
+        codebook_sharding_types: list[str] | None,
+        constraints: dict[str, ParameterConstraints] | None = None,
+        **kwargs: object,
+    ) -> None:
+        self._requested = dict(constraints or {})
+        # The enumerator, estimators and reservation all keep a reference to this dict, so
+        # per-module defaults added in plan() reach every one of them.
+        self._planned_constraints: dict[str, ParameterConstraints] = dict(self._requested)
+        super().__init__(constraints=self._planned_constraints, **kwargs)  # type: ignore[arg-type]
+        self._codebook_sharding_types = codebook_sharding_types
+
+    def plan(self, module: nn.Module, sharders: list[ModuleSharder[nn.Module]]) -> ShardingPlan:
+        self._planned_constraints.clear()
+        self._planned_constraints.update(self._requested)
+        if self._codebook_sharding_types:
+            for name in codebook_tables(module):
+                self._planned_constraints.setdefault(
+                    name, ParameterConstraints(sharding_types=list(self._codebook_sharding_types))
+                )
+        return super().plan(module, sharders)
+
+
 def make_planner(
     topology: Topology,
     batch_size: int,
     *,
     constraints: dict[str, ParameterConstraints] | None = None,
+    codebook_sharding_types: list[str] | None = None,
     reservation: StorageReservation | None = None,
     debug: bool = False,
 ) -> EmbeddingShardingPlanner:
-    """An `EmbeddingShardingPlanner` whose storage reservation counts the replicated MEC codes.
+    """A planner whose storage reservation counts the replicated MEC codes.
 
     Use it with `get_default_sharders()`. Plans are keyed by the MEC module's fqn and its inner
     table names (`t@0`, ..., full tables by name), so `constraints` use those names too.
@@ -124,7 +167,10 @@ def make_planner(
     Args:
         topology: devices and their memory (the per-rank budget).
         batch_size: per-rank batch size (sizes the KJT reservation).
-        constraints: per inner table constraints, as for the stock planner.
+        constraints: per inner table constraints, as for the stock planner; they win over the
+            codebook default.
+        codebook_sharding_types: sharding types allowed for codebook tables not in `constraints`;
+            `["data_parallel"]` if None, `[]` to let the planner choose freely.
         reservation: a `MECStorageReservation` with non-default settings; the default otherwise.
         debug: print the planner's stats table.
 
@@ -133,7 +179,12 @@ def make_planner(
         planner = make_planner(Topology(world_size=2, compute_device="cpu"), batch_size=4096)
         plan = planner.collective_plan(model, get_default_sharders(), pg)
     """
-    return EmbeddingShardingPlanner(
+    return MECShardingPlanner(
+        codebook_sharding_types=(
+            [ShardingType.DATA_PARALLEL.value]
+            if codebook_sharding_types is None
+            else codebook_sharding_types
+        ),
         topology=topology,
         batch_size=batch_size,
         constraints=constraints,

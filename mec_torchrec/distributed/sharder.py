@@ -37,6 +37,7 @@ from torchrec.distributed.types import (
     ShardingType,
 )
 from torchrec.distributed.utils import append_prefix
+from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mec_torchrec.modules import MECEmbeddingBagCollection
@@ -52,6 +53,26 @@ SUPPORTED_SHARDING_TYPES: list[str] = [
     ShardingType.COLUMN_WISE.value,
     ShardingType.ROW_WISE.value,
 ]
+
+
+def _check_mean_pooling(
+    module: MECEmbeddingBagCollection, plan: dict[str, ParameterSharding]
+) -> None:
+    # TorchRec's row-wise mean-pooling callback reads "a@b" feature names as shared features
+    # ("feature@table") and fails on the sub-features "f@l" at the first forward: refuse up front.
+    for config in module.codebooks.embedding_bag_configs():
+        sharding = plan.get(config.name)
+        if (
+            sharding is not None
+            and sharding.sharding_type == ShardingType.ROW_WISE.value
+            and config.pooling == PoolingType.MEAN
+            and any("@" in f for f in config.feature_names)
+        ):
+            raise ValueError(
+                f"codebook table {config.name!r} uses MEAN pooling, which TorchRec cannot shard "
+                "row_wise for MEC sub-features (their '@' names clash with its shared-feature "
+                "naming); plan it data_parallel, table_wise or column_wise"
+            )
 
 
 def _broadcast_codes(codes: nn.Module, pg: dist.ProcessGroup) -> None:
@@ -109,6 +130,7 @@ class ShardedMECEmbeddingBagCollection(
                 f"MEC codebook tables {unsupported} use unsupported sharding types; "
                 f"expected one of {SUPPORTED_SHARDING_TYPES}"
             )
+        _check_mean_pooling(module, table_name_to_parameter_sharding)
         # Meta codes stay meta here: DistributedModelParallel materializes (zero-fills) them and
         # load_mec_state / load_state_dict fills them afterwards.
         on_meta = any(b.is_meta for b in module.codes.buffers())
@@ -243,7 +265,14 @@ class MECEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MECEmbeddingBagColle
         return self._ebc_sharder.shardable_parameters(module.codebooks)
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
-        return list(SUPPORTED_SHARDING_TYPES)
+        """What the planner may choose from: like the stock sharder, row_wise on CUDA only.
+
+        Row-wise plans made by hand also work on CPU, but gloo's reduce-scatter of pooled
+        outputs is slow there, and TorchRec's planner does not model that cost.
+        """
+        if compute_device_type == "cuda":
+            return list(SUPPORTED_SHARDING_TYPES)
+        return [t for t in SUPPORTED_SHARDING_TYPES if t != ShardingType.ROW_WISE.value]
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
         return self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)
