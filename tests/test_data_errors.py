@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mec_torchrec.cli import main
-from mec_torchrec.data import DataError, prepare_dataset
+from mec_torchrec.data import DataError, prepare_dataset, synthesize
 from mec_torchrec.data.spec import CRITEO_CATEGORICAL, CRITEO_DENSE, load_dataset_spec
 
 CRITEO = {"label": "label", "dense": list(CRITEO_DENSE), "categorical": list(CRITEO_CATEGORICAL)}
@@ -126,3 +126,20 @@ def test_cli_prints_one_line_and_exits_2(write_spec, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert err.endswith("day_0 line 1: expected 40 tab-separated columns, found 12")
+
+
+def test_prepare_refuses_to_replace_a_folder_it_did_not_write(write_spec, tmp_path):
+    pq.write_table(pa.table({"y": [0, 1], "f": [1, 2]}), tmp_path / "t.parquet")
+    spec = write_spec(format="parquet", train="t.parquet", label="y", categorical=["f"])
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="work exists and is not a prepared dataset"):
+        _prepare(spec, tmp_path)
+    assert (tmp_path / "work" / "notes.txt").read_text() == "mine"
+
+
+def test_synth_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not the output of `mec data synth`"):
+        synthesize(tmp_path, rows=100, scale=0.001, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

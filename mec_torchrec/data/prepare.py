@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mec_torchrec.data.dataset import META_FILE, ProcessedDataset
+from mec_torchrec.data.errors import DataError
 from mec_torchrec.data.readers import iter_source_batches
 from mec_torchrec.data.spec import SPLITS, DatasetSpec
 from mec_torchrec.data.vocab import Vocabulary, build_vocabularies
@@ -98,6 +99,8 @@ def prepare_dataset(spec: DatasetSpec, work_dir: str | os.PathLike) -> Processed
                 return ProcessedDataset(work_dir)
         except json.JSONDecodeError:
             pass
+    if work_dir.exists() and any(work_dir.iterdir()) and not meta_path.is_file():
+        raise DataError(f"{work_dir} exists and is not a prepared dataset; refusing to replace it")
     features = spec.feature_names
     vocabs, _ = build_vocabularies(iter_source_batches(spec, "train"), features, spec.min_count)
     with atomic_dir(work_dir) as tmp:

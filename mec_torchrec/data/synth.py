@@ -208,6 +208,10 @@ def synthesize(out: str | Path, *, rows: int = 1_000_000, scale: float = 0.01, s
         raise ValueError(f"--rows must be at least 10, got {rows}")
     if scale <= 0:
         raise ValueError(f"--scale must be positive, got {scale}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "synth.json").is_file():
+        raise ValueError(f"{out} exists and is not the output of `mec data synth`; "
+                         f"refusing to replace it")
     start = time.perf_counter()
     model = _HiddenModel(seed, scale, multi_valued)
     bounds = np.cumsum([0] + [round(rows * frac) for _, frac in SPLIT_FRACTIONS])
