@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -53,35 +54,34 @@ def evaluate(
         "window_size": window,
         "compute_on_all_ranks": True,
     }
-    auc, ne = AUCMetric(**kw), NEMetric(include_logloss=True, **kw)
-    rows = 0
+    auc, ne = AUCMetric(**kw), NEMetric(**kw)
+    # Logloss in nats (torchrec's NE module reports it in bits): sum and count, reduced below.
+    totals = torch.zeros(2, dtype=torch.float64, device=env.device)
     with torch.no_grad():
         while True:
             try:
                 _, logits, labels = pipeline.progress(batches)
             except StopIteration:
                 break
-            preds = {TASK.name: torch.sigmoid(logits.float()).cpu()}
-            labels_ = {TASK.name: labels.float().cpu()}
-            weights = {TASK.name: torch.ones_like(labels_[TASK.name])}
+            logits, labels = logits.float(), labels.float()
+            preds = {TASK.name: torch.sigmoid(logits)}
+            labels_ = {TASK.name: labels}
+            weights = {TASK.name: torch.ones_like(labels)}
             for metric in (auc, ne):
                 metric.update(predictions=preds, labels=labels_, weights=weights)
-            rows += labels.numel()
+            bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+            totals[0] += bce.double()
+            totals[1] += labels.numel()
     pipeline.reset()
     model.train(was_training)
+    torch.distributed.all_reduce(totals)
     a, n = auc.compute(), ne.compute()
     return {
         "auc": float(a[f"auc-{TASK.name}|window_auc"]),
         "ne": float(n[f"ne-{TASK.name}|lifetime_ne"]),
-        "logloss": float(n[f"ne-{TASK.name}|lifetime_logloss"]),
-        "rows": _all_sum(rows, env),
+        "logloss": float(totals[0] / totals[1]),
+        "rows": int(totals[1]),
     }
-
-
-def _all_sum(value: int, env: Env) -> int:
-    t = torch.tensor([value], dtype=torch.int64, device=env.device)
-    torch.distributed.all_reduce(t)
-    return int(t.item())
 
 
 @dataclass
@@ -96,6 +96,8 @@ class Progress:
     evals_since_best: int = 0
     stopped_early: bool = False
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
     # Valid and test figures of the state the stage started from (with eval_at_start).
     start: dict[str, dict[str, float]] | None = None
@@ -152,15 +154,19 @@ def train_stage(
         else:
             rows = data.valid_rows if split == "valid" else data.test_rows
             bound = math.ceil(rows / env.world_size) + spec.eval_batch_size
-        return evaluate(pipeline, batches, env, bound)
+        start = time.perf_counter()
+        return {**evaluate(pipeline, batches, env, bound), "seconds": time.perf_counter() - start}
 
     def record(metrics: dict[str, float], p: Progress) -> None:
+        p.eval_seconds += metrics["seconds"]
         point = {"step": p.global_step, "epoch": p.global_step / steps_per_epoch, **metrics}
         p.history.append(point)
         improved = metrics["auc"] > p.best_auc
         if improved:
             p.best_auc, p.best_step, p.evals_since_best = metrics["auc"], p.global_step, 0
+            start = time.perf_counter()
             checkpoint.save(best, {"model": dmp.state_dict()}, env)
+            p.checkpoint_seconds += time.perf_counter() - start
         else:
             p.evals_since_best += 1
         log(
@@ -222,7 +228,9 @@ def train_stage(
                     p.stopped_early = True
             if epoch_done:
                 p.epoch, p.step_in_epoch = p.epoch + 1, 0
+            start = time.perf_counter()
             checkpoint.save(last, _state(dmp, optimizer), env, progress=vars(p))
+            p.checkpoint_seconds += time.perf_counter() - start
             if epoch_done or p.stopped_early:
                 break
         bar.close()
@@ -245,5 +253,7 @@ def train_stage(
         "history": p.history,
         "start": p.start,
         "train_seconds": p.train_seconds,
+        "eval_seconds": p.eval_seconds,
+        "checkpoint_seconds": p.checkpoint_seconds,
         "samples_per_second": p.global_step * samples_per_step / max(p.train_seconds, 1e-9),
     }
