@@ -4,8 +4,10 @@ Single process, meta-device modules: nothing the size of a Criteo table is alloc
 """
 
 import pytest
+import torch
 from dist_models import meta_model, sharders
 from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
@@ -134,3 +136,13 @@ def test_planner_input_is_not_allocated() -> None:
     model = criteo_mec()
     make_planner(cpu_topology(1024 * MiB), batch_size=4096).plan(model, get_default_sharders())
     assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def test_tables_with_an_optimizer_in_backward_are_kept_off_data_parallel() -> None:
+    model = meta_model()
+    bags = model.sparse.codebooks.embedding_bags
+    _apply_optimizer_in_backward(torch.optim.SGD, [bags["t_a@0"].weight], {"lr": 0.1})
+    planner = make_planner(cpu_topology(1024 * MiB), batch_size=8)
+    module_plan = planner.plan(model, sharders()).plan["sparse"]
+    assert module_plan["t_a@0"].sharding_type in {"table_wise", "column_wise"}
+    assert module_plan["t_a@1"].sharding_type == "data_parallel"

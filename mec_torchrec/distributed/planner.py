@@ -117,12 +117,35 @@ def codebook_tables(module: nn.Module) -> list[str]:
     return names
 
 
+def in_backward_tables(module: nn.Module) -> list[str]:
+    """Inner tables of MEC modules whose weight has an optimizer applied in backward.
+
+    TorchRec turns such settings into the fused kernel's optimizer, but a data_parallel table uses
+    the dense kernel and silently hands its weight to the dense optimizer instead.
+    """
+    names = []
+    for mec in mec_modules(module):
+        for name, bag in mec.codebooks.embedding_bags.items():
+            if getattr(bag.weight, "_optimizer_classes", None):
+                names.append(name)
+    return names
+
+
+_MODEL_PARALLEL = [
+    ShardingType.TABLE_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.ROW_WISE.value,
+]
+
+
 class MECShardingPlanner(EmbeddingShardingPlanner):
     """`EmbeddingShardingPlanner` that plans MEC codebooks `codebook_sharding_types` by default.
 
     Codebooks are tiny (K x D/L), so replicating them (data_parallel) removes the all-to-alls of
-    compressed features; left free, TorchRec's planner sometimes shards them table-wise. Tables the
-    caller constrains keep the caller's constraints. Build it with `make_planner`.
+    compressed features; left free, TorchRec's planner sometimes shards them table-wise. Tables
+    whose weight has an optimizer applied in backward (`apply_optimizer_in_backward`) are kept off
+    data_parallel instead, where TorchRec would drop that optimizer. Tables the caller constrains
+    keep the caller's constraints. Build it with `make_planner`.
     """
 
     def __init__(
@@ -142,6 +165,11 @@ class MECShardingPlanner(EmbeddingShardingPlanner):
     def plan(self, module: nn.Module, sharders: list[ModuleSharder[nn.Module]]) -> ShardingPlan:
         self._planned_constraints.clear()
         self._planned_constraints.update(self._requested)
+        fused_only = set(in_backward_tables(module))
+        for name in fused_only:
+            self._planned_constraints.setdefault(
+                name, ParameterConstraints(sharding_types=list(_MODEL_PARALLEL))
+            )
         if self._codebook_sharding_types:
             for name in codebook_tables(module):
                 self._planned_constraints.setdefault(

@@ -13,7 +13,6 @@ distribution work and the planner plans the inner tables (`t@0 .. t@{L-1}`, full
 """
 
 from collections.abc import Callable, Iterator
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,6 +39,7 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from mec_torchrec.distributed.regroup import PooledRegroup
 from mec_torchrec.modules import MECEmbeddingBagCollection
 
 if TYPE_CHECKING:
@@ -81,13 +81,6 @@ def _broadcast_codes(codes: nn.Module, pg: dist.ProcessGroup) -> None:
     src = dist.get_global_rank(pg, 0)
     for buffer in codes.buffers():
         dist.broadcast(buffer, src=src, group=pg)
-
-
-def _regroup_callback(
-    regroup: Callable[[dict[str, torch.Tensor]], KeyedTensor], pooled: KeyedTensor
-) -> KeyedTensor:
-    # Sharded output keys come in sharding order, so go through the dict, never positions.
-    return regroup(pooled.to_dict())
 
 
 class ShardedMECEmbeddingBagCollection(
@@ -148,7 +141,7 @@ class ShardedMECEmbeddingBagCollection(
         # with self.codes above); the module is kept outside the nn.Module tree so its unsharded
         # codebooks are neither registered here nor saved twice.
         self._remap: Callable[[KeyedJaggedTensor], KeyedJaggedTensor] = module.remap
-        self._regroup: Callable[[dict[str, torch.Tensor]], KeyedTensor] = module.regroup
+        self._regroup = PooledRegroup(module.regroup)
 
     def create_context(self) -> EmbeddingBagCollectionContext:
         return self.codebooks.create_context()
@@ -177,7 +170,8 @@ class ShardedMECEmbeddingBagCollection(
         return self._with_regroup(self.codebooks.compute_and_output_dist(ctx, input))
 
     def _with_regroup(self, pooled: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
-        pooled.callbacks.append(partial(_regroup_callback, self._regroup))
+        # Sharded output keys come in sharding order; PooledRegroup maps them by name.
+        pooled.callbacks.append(self._regroup)
         return pooled
 
     def load_compressed(self, name: str, table: "CompressedTable") -> None:
