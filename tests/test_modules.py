@@ -174,3 +174,20 @@ def test_embedding_bytes_count_codes_and_codebooks() -> None:
     assert sizes["t_a"].stored == 500 * 4 * 1 + 4 * 16 * 2 * 4  # uint8 codes + codebooks
     assert sizes["t_b"].stored == sizes["t_b"].full == 7 * 4 * 4
     assert sizes["t_a"].ratio == sizes["t_a"].full / sizes["t_a"].stored
+
+
+def test_module_built_on_meta_remaps_and_serves_once_codes_and_weights_are_loaded() -> None:
+    """DMP's path: build on meta, materialise, load. No index state is left behind on meta."""
+    reference = make_mec()
+    meta = MECEmbeddingBagCollection(_tables(), COMPRESSION, device="meta")
+    meta.codes.to_empty(device="cpu")
+    for name, buf in reference.codes.named_buffers():
+        getattr(meta.codes, name).copy_(buf)
+    kjt = random_kjt(_tables(), batch=5, weighted=False, generator=torch.Generator().manual_seed(10))
+    got, want = meta.remap(kjt), reference.remap(kjt)
+    assert got.keys() == want.keys()
+    assert torch.equal(got.values(), want.values()) and torch.equal(got.lengths(), want.lengths())
+
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(reference.state_dict())
+    assert torch.equal(meta(kjt).values(), reference(kjt).values())

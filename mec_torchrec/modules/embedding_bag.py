@@ -116,17 +116,6 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             [(t.num_embeddings, t.embedding_dim) for t in layout.inner_tables],
             layout.lookup_tables,
             layout.lookup_is_mean,
-            device=self._device,
-        )
-        self.register_buffer(
-            "_feature_sizes",
-            torch.tensor(layout.feature_sizes, dtype=torch.int64, device=self._device),
-            persistent=False,
-        )
-        self.register_buffer(
-            "_lookup_sources",
-            torch.tensor(layout.lookup_sources, dtype=torch.int64, device=self._device),
-            persistent=False,
         )
 
     # -- EmbeddingBagCollectionInterface -------------------------------------------------------
@@ -205,7 +194,7 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         values = _remap.check_ids(
             ordered.values(),
             length_per_key,
-            self._feature_sizes,
+            layout.feature_sizes,
             layout.features,
             layout.feature_tables,
             self._unknown_id_policy,
@@ -219,7 +208,7 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             [getattr(self.codes, name) for name in layout.compressed],
             layout.table_codes,
             layout.table_num_features,
-            self._lookup_sources,
+            layout.lookup_sources,
         )
 
     def _inner_weights(self) -> list[torch.Tensor]:

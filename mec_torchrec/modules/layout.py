@@ -53,7 +53,7 @@ class MECLayout:
     """
 
     features: list[str]
-    feature_sizes: list[int]
+    feature_sizes: tuple[int, ...]
     feature_tables: list[str]
     feature_dims: list[int]
     table_codes: list[int]
@@ -63,10 +63,10 @@ class MECLayout:
     inner_tables: list[EmbeddingBagConfig]
     inner_features: list[str]
     lookup_features: list[str]
-    lookup_sources: list[int]
-    lookup_tables: list[int]
-    lookup_dims: list[int]
-    lookup_is_mean: list[bool]
+    lookup_sources: tuple[int, ...]
+    lookup_tables: tuple[int, ...]
+    lookup_dims: tuple[int, ...]
+    lookup_is_mean: tuple[bool, ...]
     lookup_to_inner: list[int] | None
 
 
@@ -166,7 +166,7 @@ def build_layout(
     to_inner = [position[f] for f in inner_features]
     return MECLayout(
         features=features,
-        feature_sizes=sizes,
+        feature_sizes=tuple(sizes),
         feature_tables=feature_tables,
         feature_dims=feature_dims,
         table_codes=table_codes,
@@ -176,9 +176,9 @@ def build_layout(
         inner_tables=inner_tables,
         inner_features=inner_features,
         lookup_features=lookup_features,
-        lookup_sources=[entry[1] for entry in lookup],
-        lookup_tables=[entry[2] for entry in lookup],
-        lookup_dims=[entry[3] for entry in lookup],
-        lookup_is_mean=[entry[4] for entry in lookup],
+        lookup_sources=tuple(entry[1] for entry in lookup),
+        lookup_tables=tuple(entry[2] for entry in lookup),
+        lookup_dims=tuple(entry[3] for entry in lookup),
+        lookup_is_mean=tuple(entry[4] for entry in lookup),
         lookup_to_inner=None if to_inner == list(range(len(to_inner))) else to_inner,
     )

@@ -17,32 +17,39 @@ from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from torch import nn
 
+from mec_torchrec.modules.device_cache import device_tensor
+
 
 @torch.fx.wrap
 def dense_pooled_lookup(
     weights: list[torch.Tensor],
-    weights_offsets: torch.Tensor,
-    dim_offsets: torch.Tensor,
-    hash_size_cumsum: torch.Tensor,
-    total_dim: int,
+    weights_offsets: tuple[int, ...],
+    dim_offsets: tuple[int, ...],
     max_dim: int,
+    hash_size_cumsum: tuple[int, ...],
     total_hash_size_bits: int,
     indices: torch.Tensor,
     offsets: torch.Tensor,
     per_sample_weights: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Sum-pooled lookup of every feature in one kernel call: float32 [B, total_dim]."""
+    """Sum-pooled lookup of every feature in one kernel call: float32 [B, dim_offsets[-1]].
+
+    The offset tuples are FBGEMM's TBE metadata (per feature: start of its table in the flat
+    weights, output column start, first row of its table in the row space; see
+    ``DenseTableBatchedEmbeddingBagsCodegen``).
+    """
+    device = indices.device
     flat = torch.cat([w.reshape(-1) for w in weights])
     return torch.ops.fbgemm.dense_embedding_codegen_lookup_function(
         dev_weights=flat,
-        weights_offsets=weights_offsets,
-        D_offsets=dim_offsets,
-        total_D=total_dim,
+        weights_offsets=device_tensor(weights_offsets, torch.int64, device),
+        D_offsets=device_tensor(dim_offsets, torch.int32, device),
+        total_D=dim_offsets[-1],
         max_D=max_dim,
-        hash_size_cumsum=hash_size_cumsum,
+        hash_size_cumsum=device_tensor(hash_size_cumsum, torch.int64, device),
         total_hash_size_bits=total_hash_size_bits,
         indices=indices,
-        offsets=offsets,
+        offsets=offsets.to(indices.dtype),
         pooling_mode=int(PoolingMode.SUM),
         indice_weights=per_sample_weights.float() if per_sample_weights is not None else None,
         feature_requires_grad=None,
@@ -51,13 +58,15 @@ def dense_pooled_lookup(
 
 
 @torch.fx.wrap
-def mean_scale(pooled: torch.Tensor, lengths: torch.Tensor, is_mean: torch.Tensor,
-               dims: torch.Tensor) -> torch.Tensor:
+def mean_scale(pooled: torch.Tensor, lengths: torch.Tensor, is_mean: tuple[bool, ...],
+               dims: tuple[int, ...]) -> torch.Tensor:
     """Divide the columns of mean-pooled features by their bag lengths (empty bags stay 0)."""
     batch = pooled.shape[0]
     counts = lengths.view(-1, batch).t().clamp(min=1).to(pooled.dtype)
-    scale = torch.where(is_mean, counts.reciprocal(), torch.ones_like(counts))
-    return pooled * torch.repeat_interleave(scale, dims, dim=1, output_size=pooled.shape[1])
+    mean = device_tensor(is_mean, torch.bool, pooled.device)
+    scale = torch.where(mean, counts.reciprocal(), torch.ones_like(counts))
+    repeats = device_tensor(dims, torch.int64, pooled.device)
+    return pooled * torch.repeat_interleave(scale, repeats, dim=1, output_size=pooled.shape[1])
 
 
 class DenseTableBatchedLookup(nn.Module):
@@ -67,13 +76,13 @@ class DenseTableBatchedLookup(nn.Module):
         table_shapes: (rows, dim) of each of the T tables, in the order ``forward`` gets them.
         feature_tables: for each of the F features, the table it reads.
         feature_is_mean: for each feature, whether it is mean-pooled (else sum).
-        device: where the kernel metadata lives (the weights' device).
 
     ``forward(weights, indices, offsets, lengths, per_sample_weights)`` returns float32
     [B, sum of feature dims]; feature f occupies its columns in order. ``indices`` are row ids
     within each feature's table (int64), ``offsets`` [F * B + 1] and ``lengths`` [F * B] describe
     the bags, feature-major like a KeyedJaggedTensor. Mean pooling divides the sum by the bag
-    length (weighted bags too).
+    length (weighted bags too). The kernel metadata is configuration (Python tuples, made into
+    tensors on the weights' device on first use), so the module holds no state of its own.
 
     Example::
 
@@ -87,31 +96,22 @@ class DenseTableBatchedLookup(nn.Module):
     def __init__(
         self,
         table_shapes: list[tuple[int, int]],
-        feature_tables: list[int],
-        feature_is_mean: list[bool],
-        device: torch.device | None = None,
+        feature_tables: list[int] | tuple[int, ...],
+        feature_is_mean: list[bool] | tuple[bool, ...],
     ) -> None:
         super().__init__()
         rows = [r for r, _ in table_shapes]
         dims = [table_shapes[t][1] for t in feature_tables]
         table_offsets = [0, *accumulate(r * d for r, d in table_shapes)]
         row_cumsum = [0, *accumulate(rows)]
-        self.total_dim = sum(dims)
-        self.max_dim = max(dims)
         total_rows = row_cumsum[-1]
         self.total_hash_size_bits = int(log2(float(total_rows)) + 1) if total_rows else 0
+        self.weights_offsets = tuple(table_offsets[t] for t in feature_tables)
+        self.dim_offsets = (0, *accumulate(dims))
+        self.hash_size_cumsum = (*(row_cumsum[t] for t in feature_tables), total_rows)
+        self.feature_dims = tuple(dims)
+        self.feature_is_mean = tuple(feature_is_mean)
         self.has_mean = any(feature_is_mean)
-
-        def buffer(name: str, values: list, dtype: torch.dtype) -> None:
-            self.register_buffer(name, torch.tensor(values, dtype=dtype, device=device),
-                                 persistent=False)
-
-        buffer("weights_offsets", [table_offsets[t] for t in feature_tables], torch.int64)
-        buffer("dim_offsets", [0, *accumulate(dims)], torch.int32)
-        buffer("hash_size_cumsum", [row_cumsum[t] for t in feature_tables] + [total_rows],
-               torch.int64)
-        buffer("feature_dims", dims, torch.int64)
-        buffer("feature_is_mean", feature_is_mean, torch.bool)
 
     def forward(
         self,
@@ -125,12 +125,11 @@ class DenseTableBatchedLookup(nn.Module):
             weights,
             self.weights_offsets,
             self.dim_offsets,
+            max(self.feature_dims),
             self.hash_size_cumsum,
-            self.total_dim,
-            self.max_dim,
             self.total_hash_size_bits,
             indices,
-            offsets.to(indices.dtype),
+            offsets,
             per_sample_weights,
         )
         if self.has_mean:

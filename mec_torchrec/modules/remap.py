@@ -12,6 +12,8 @@ from itertools import accumulate
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mec_torchrec.modules.device_cache import device_tensor
+
 UNKNOWN_ID_POLICIES = ("error", "reserved")
 
 
@@ -20,8 +22,11 @@ def in_feature_order(features: KeyedJaggedTensor, order: list[str]) -> KeyedJagg
     """``features`` with its keys permuted into ``order`` (returned as is when already so).
 
     Raises:
-        ValueError: a feature of ``order`` is missing from ``features``.
+        ValueError: a feature of ``order`` is missing from ``features``, or the KJT has a
+            variable batch size per feature (not supported).
     """
+    if features.variable_stride_per_key():
+        raise ValueError("variable-batch (VBE) KeyedJaggedTensors are not supported")
     keys = features.keys()
     if keys == order:
         return features
@@ -36,7 +41,7 @@ def in_feature_order(features: KeyedJaggedTensor, order: list[str]) -> KeyedJagg
 def check_ids(
     values: torch.Tensor,
     length_per_key: list[int],
-    feature_sizes: torch.Tensor,
+    feature_sizes: tuple[int, ...],
     features: list[str],
     tables: list[str],
     policy: str,
@@ -46,7 +51,7 @@ def check_ids(
     Args:
         values: ids of all features, concatenated in ``features`` order.
         length_per_key: number of ids per feature.
-        feature_sizes: int64 [F], N of each feature's table.
+        feature_sizes: N of each feature's table.
         features / tables: names, for the error message.
         policy: ``"error"`` raises; ``"reserved"`` replaces each out-of-range id by N - 1, the
             last row of its table (the OOV row that ``mec_torchrec.data`` reserves for rare and
@@ -56,7 +61,8 @@ def check_ids(
         ValueError: under ``"error"``, naming the first bad id, its feature, table and range.
     """
     counts = torch.tensor(length_per_key, device=values.device)
-    bounds = torch.repeat_interleave(feature_sizes, counts, output_size=values.numel())
+    sizes = device_tensor(feature_sizes, torch.int64, values.device)
+    bounds = torch.repeat_interleave(sizes, counts, output_size=values.numel())
     bad = (values < 0) | (values >= bounds)
     if not bool(bad.any()):
         return values
@@ -66,7 +72,7 @@ def check_ids(
     f = bisect_right(list(accumulate(length_per_key)), position)
     raise ValueError(
         f"table {tables[f]!r}: id {int(values[position])} out of range "
-        f"[0, {int(feature_sizes[f])}) in feature {features[f]!r} "
+        f"[0, {feature_sizes[f]}) in feature {features[f]!r} "
         f"(pass unknown_id_policy='reserved' to map such ids to the table's last row)"
     )
 
@@ -81,7 +87,7 @@ def remap_values(
     codes: list[torch.Tensor],
     table_codes: list[int],
     table_num_features: list[int],
-    lookup_sources: torch.Tensor,
+    lookup_sources: tuple[int, ...],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Expand outer-order ids into lookup-order code ids.
 
@@ -96,7 +102,7 @@ def remap_values(
         codes: the codes tensor of each compressed table.
         table_codes: per outer table, index into ``codes`` or -1 for a full table.
         table_num_features: per outer table, its number of features.
-        lookup_sources: int64 [F_lookup], the outer feature behind each lookup feature.
+        lookup_sources: the outer feature behind each lookup feature.
 
     Returns:
         (values int64, lengths, weights or None) in lookup order.
@@ -142,6 +148,7 @@ def remap_values(
                 out_weights += [part.repeat(num_subspaces) for part in w.split(feature_counts)]
         first += num
     new_values = torch.cat(out_values).to(torch.int64)
-    new_lengths = lengths.view(-1, stride).index_select(0, lookup_sources).reshape(-1)
+    sources = device_tensor(lookup_sources, torch.int64, lengths.device)
+    new_lengths = lengths.view(-1, stride).index_select(0, sources).reshape(-1)
     new_weights = torch.cat(out_weights) if weights is not None else None
     return new_values, new_lengths, new_weights
