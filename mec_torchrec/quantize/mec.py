@@ -79,7 +79,7 @@ class MECQuantizer:
         in_batch_negatives: extra in-batch negatives per row for InfoNCE (0 = only the
             one-subspace negative).
         kmeans_iters: weighted Lloyd iterations for the initial codebooks.
-        init_size: rows used for k-means++ seeding.
+        init_size: PWR-weighted draws for k-means++ seeding and the Lloyd iterations.
         holdout_size: held-out rows for early stopping (at most N / 10).
         chunk_rows: rows per chunk in the streaming encode pass.
     """
@@ -233,9 +233,18 @@ class MECQuantizer:
             dim, self.hidden_dim or dim, pool.mean(0), math.sqrt(var), gen
         ).to(dev)
 
-        init_ids = draw_rows(pool_w, min(self.init_size, pool.shape[0]), gen).to(dev)
-        init = kmeans_pp(pool[init_ids].view(-1, L, d), self.codebook_size, gen)
-        init = lloyd(pool.view(-1, L, d), init, self.kmeans_iters, pool_w.to(dev))
+        # k-means on a PWR draw of init_size rows: each distinct row held once, its multiplicity
+        # in the draw as its Lloyd weight.
+        draw = draw_rows(pool_w, min(self.init_size, pool.shape[0]), gen)
+        init_ids, mult = draw.unique(return_counts=True)
+        init_x = pool[init_ids.to(dev)].view(-1, L, d)
+        init = kmeans_pp(init_x, min(self.codebook_size, init_x.shape[0]), gen)
+        if init.shape[1] < self.codebook_size:  # fewer distinct rows than K: pad from the pool
+            extra = torch.randint(
+                pool.shape[0], (self.codebook_size - init.shape[1],), generator=gen
+            )
+            init = torch.cat([init, pool[extra.to(dev)].view(-1, L, d).transpose(0, 1)], dim=1)
+        init = lloyd(init_x, init, self.kmeans_iters, mult.to(dev))
         codebooks = torch.nn.Parameter(init)
         opt = torch.optim.Adam([*self.encoder.parameters(), codebooks], lr=self.lr)
 

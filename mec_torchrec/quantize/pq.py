@@ -6,7 +6,6 @@ import torch
 
 from mec_torchrec.quantize.checks import check_codes, check_config, check_fit_inputs, check_weight
 from mec_torchrec.quantize.kmeans import kmeans_pp, lloyd
-from mec_torchrec.quantize.sampling import draw_rows
 from mec_torchrec.quantize.stats import quality_stats
 from mec_torchrec.quantize.streaming import encode_rows, refit_codebooks
 from mec_torchrec.quantize.table import CompressedTable, decode_codes
@@ -25,8 +24,8 @@ class PQQuantizer:
         num_subspaces: L, sub-vectors per row (D % L == 0).
         codebook_size: K, entries per codebook (codes are uint8 for K <= 256).
         iters: Lloyd iterations on the sample after k-means++ seeding.
-        sample_size: rows drawn (uniformly, with replacement) to fit the codebooks.
-        init_size: rows of the sample used for k-means++ seeding (it is sequential in K).
+        sample_size: rows drawn uniformly (without replacement) for the Lloyd iterations.
+        init_size: rows of that sample used for k-means++ seeding (sequential in K).
         seed: seeds every random draw; equal seeds give identical codes and codebooks.
         device: where the k-means and encoding run ("cpu", "cuda", ...).
         chunk_rows: rows per chunk in the streaming encode pass (bounds memory).
@@ -45,8 +44,8 @@ class PQQuantizer:
         num_subspaces: int,
         codebook_size: int,
         *,
-        iters: int = 20,
-        sample_size: int = 1_000_000,
+        iters: int = 10,
+        sample_size: int = 65536,
         init_size: int = 65536,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -73,12 +72,10 @@ class PQQuantizer:
         n, dim = weight.shape
         sub_dim = dim // self.num_subspaces
         size = min(self.sample_size, n)
-        ids = torch.randperm(n, generator=gen)[:size] if size < n else torch.arange(n)
+        ids = torch.randperm(n, generator=gen)[:size].sort().values
         x = weight[ids].to(self.device, torch.float32).view(-1, self.num_subspaces, sub_dim)
-        init_ids = draw_rows(
-            torch.ones(x.shape[0], dtype=torch.float64), min(self.init_size, x.shape[0]), gen
-        )
-        codebooks = kmeans_pp(x[init_ids.to(self.device)], self.codebook_size, gen)
+        seed_rows = torch.randperm(size, generator=gen)[: self.init_size].to(self.device)
+        codebooks = kmeans_pp(x[seed_rows], self.codebook_size, gen)
         self.codebooks = lloyd(x, codebooks, self.iters)
         fit_s = time.perf_counter() - t0
         codes = self.encode(weight)
