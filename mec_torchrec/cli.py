@@ -8,6 +8,7 @@ from importlib import import_module
 # with a `func` default that takes the parsed namespace and returns an exit code.
 _COMMANDS = [
     ("mec_torchrec.data.cli", "data"),
+    ("mec_torchrec.export.cli", "export"),
 ]
 
 

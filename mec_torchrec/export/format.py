@@ -1,0 +1,212 @@
+"""The serving artifact's on-disk format: manifest.json + one safetensors blob per table.
+
+An artifact is a folder::
+
+    manifest.json          format name and version, per table: configs, tensors, blob size + sha256
+    tables/<table>.safetensors
+
+A compressed table's blob holds ``codes`` [N, L] (uint8 / int16 / int32) and ``codebooks``
+[L, K, D / L] in the chosen codebook dtype (``fp32``, ``fp16``, or ``int8`` with per-row
+``codebooks_scale`` / ``codebooks_bias`` float32 [L, K]); a full table's blob holds ``weight``
+[N, D] float32. Everything a reader needs to check a blob is in the manifest, so a blob that is
+missing, truncated, altered or of another shape is refused before any tensor is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "mec_torchrec.serving"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CODEBOOK_DTYPES = ("fp32", "fp16", "int8")
+
+_DTYPES = {
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be served: names the file and what was expected."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.uint8`` -> ``"uint8"`` (the names the manifest uses)."""
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} cannot be stored in an artifact")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``"uint8"`` -> ``torch.uint8``; raises ArtifactError for names outside the format."""
+    if name not in _DTYPES:
+        raise ArtifactError(f"unknown dtype {name!r} (known: {sorted(_DTYPES)})")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor inside a blob: its dtype and shape as the manifest promises them."""
+
+    dtype: str
+    shape: list[int]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * dtype_from_name(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    """One table of the artifact (compressed when ``num_subspaces`` is not None).
+
+    ``codebook_dtype`` and ``code_dtype`` are None for a full table; ``blob_bytes`` and
+    ``sha256`` describe the blob file as written.
+    """
+
+    name: str
+    feature_names: list[str]
+    num_embeddings: int
+    embedding_dim: int
+    pooling: str
+    blob: str
+    blob_bytes: int
+    sha256: str
+    tensors: dict[str, TensorEntry]
+    num_subspaces: int | None = None
+    codebook_size: int | None = None
+    code_dtype: str | None = None
+    codebook_dtype: str | None = None
+
+    @property
+    def compressed(self) -> bool:
+        return self.num_subspaces is not None
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of the uncompressed fp32 table, N * D * 4."""
+        return self.num_embeddings * self.embedding_dim * 4
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of the tensors (codes counted; excludes the blob's small JSON header)."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The artifact's table of contents (``manifest.json``)."""
+
+    tables: list[TableEntry]
+    is_weighted: bool = False
+    unknown_id_policy: str = "error"
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST) -> Manifest:
+        """Parse and check the format name and version before anything else.
+
+        Raises:
+            ArtifactError: not JSON, another format, a version this code does not read, or a
+                field missing.
+        """
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{where}: not valid JSON ({e})") from e
+        if raw.get("format") != FORMAT:
+            raise ArtifactError(f"{where}: format {raw.get('format')!r}, expected {FORMAT!r}")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{where}: format_version {raw.get('format_version')!r} is not supported "
+                f"(this code reads version {FORMAT_VERSION})"
+            )
+        try:
+            tables = [
+                TableEntry(
+                    **{
+                        **t,
+                        "tensors": {k: TensorEntry(**v) for k, v in t["tensors"].items()},
+                    }
+                )
+                for t in raw["tables"]
+            ]
+            return cls(
+                tables=tables,
+                is_weighted=raw["is_weighted"],
+                unknown_id_policy=raw["unknown_id_policy"],
+                source=raw.get("source", {}),
+            )
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"{where}: malformed manifest ({e!r})") from e
+
+    def total_bytes(self) -> int:
+        """Sum of the blobs' sizes on disk (what serving maps)."""
+        return sum(t.blob_bytes for t in self.tables)
+
+    def full_bytes(self) -> int:
+        """What the same tables take as fp32."""
+        return sum(t.full_bytes for t in self.tables)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def encode_codebooks(codebooks: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+    """Codebooks [L, K, d] float32 -> the tensors stored for ``dtype``.
+
+    ``int8`` is row-wise affine: each codebook row r is stored as q in [-128, 127] with
+    ``r ~= q * scale + bias`` (scale = (max - min) / 255, bias = min + 128 * scale), float32
+    scale and bias per row, so the error per element is at most scale / 2.
+    """
+    if dtype == "fp32":
+        return {"codebooks": codebooks.float().contiguous()}
+    if dtype == "fp16":
+        return {"codebooks": codebooks.half().contiguous()}
+    if dtype != "int8":
+        raise ValueError(f"codebook dtype must be one of {CODEBOOK_DTYPES}, got {dtype!r}")
+    x = codebooks.float()
+    lo, hi = x.amin(dim=-1), x.amax(dim=-1)
+    scale = ((hi - lo) / 255.0).clamp(min=torch.finfo(torch.float32).tiny)
+    bias = lo + 128.0 * scale
+    q = torch.round((x - bias.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(-128, 127)
+    return {
+        "codebooks": q.to(torch.int8).contiguous(),
+        "codebooks_scale": scale.contiguous(),
+        "codebooks_bias": bias.contiguous(),
+    }
+
+
+def decode_codebooks(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 codebooks [L, K, d] the stored tensors stand for (inverse of encode)."""
+    codebooks = tensors["codebooks"]
+    if codebooks.dtype == torch.int8:
+        scale, bias = tensors["codebooks_scale"], tensors["codebooks_bias"]
+        return codebooks.float() * scale.unsqueeze(-1) + bias.unsqueeze(-1)
+    return codebooks.float()

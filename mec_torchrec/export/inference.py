@@ -1,0 +1,230 @@
+"""MECInferenceEmbeddingBagCollection: serves an exported artifact, buffers only."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from mec_torchrec.export import ops
+from mec_torchrec.export.format import Manifest, decode_codebooks
+from mec_torchrec.export.reader import read_manifest, read_table
+
+
+class MECInferenceEmbeddingBagCollection(nn.Module):
+    """The serving twin of ``MECEmbeddingBagCollection``: same input, same output, no parameters.
+
+    It is called with a ``KeyedJaggedTensor`` of values shaped ``(F, B, L[f][i])`` (any key
+    order; extra keys are ignored) and returns a ``KeyedTensor`` [B, sum of dims] with the keys,
+    order and layout of an ``EmbeddingBagCollection`` of the same configs:
+    ``KT[i] = cat([pool_f(rows of J[f][i]) for f in features])`` (SUM, or MEAN = SUM / bag length;
+    input weights multiply rows when the artifact is weighted).
+
+    Held as buffers: per compressed table ``codes.<table>`` [N, L] (mapped from the artifact, not
+    copied, on CPU) and ``codebooks.<table>`` [L * K, D / L] float32 (decoded once from fp32, fp16
+    or int8 storage: codebooks are small, so the hot path never dequantizes), plus
+    ``weights.<table>`` [N, D] float32 for each full table.
+
+    The forward is an id check (``torch.ops.mec_torchrec.checked_ids``) and one pooled lookup per
+    table in plain ATen ops, so the module fx-traces with ``torchrec.fx.symbolic_trace``, scripts
+    with ``torch.jit.script`` and exports with ``torch.export.export``.
+
+    Args:
+        tables: the outer table configs, in output order.
+        compressed: per compressed table ``(codes [N, L], codebooks [L, K, D / L] float)``.
+        full: per full table its float weight [N, D].
+        is_weighted: whether input weights multiply rows.
+        unknown_id_policy: ``"error"`` (default) raises ``ValueError`` naming table, id, range and
+            feature for an id outside [0, N); ``"reserved"`` serves such an id as row N - 1, the
+            OOV row the data layer reserves. Never silently row 0.
+
+    Example::
+
+        serving = MECInferenceEmbeddingBagCollection.load("out/serving")
+        kjt = KeyedJaggedTensor(keys=["C1", "C2"], values=torch.tensor([3, 7, 1]),
+                                lengths=torch.tensor([2, 0, 1, 0]))   # B = 2
+        serving(kjt).to_dict()["C1"]                                     # [2, D]
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        compressed: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        full: dict[str, torch.Tensor],
+        is_weighted: bool = False,
+        unknown_id_policy: str = "error",
+    ) -> None:
+        super().__init__()
+        if unknown_id_policy not in ops.OUT_OF_RANGE:
+            raise ValueError(
+                f"unknown_id_policy must be one of {ops.OUT_OF_RANGE}, got {unknown_id_policy!r}"
+            )
+        self._configs = list(tables)
+        self._is_weighted = is_weighted
+        self._reserved = unknown_id_policy == "reserved"
+        self._features = [f for t in tables for f in t.feature_names]
+        self._feature_dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self._table_num_features = [len(t.feature_names) for t in tables]
+        self._table_dims = [t.embedding_dim for t in tables]
+        self._table_is_mean = [t.pooling == PoolingType.MEAN for t in tables]
+        self._names = json.dumps([[f, t.name] for t in tables for f in t.feature_names])
+        self.codes = nn.Module()
+        self.codebooks = nn.Module()
+        self.code_bases = nn.Module()
+        self.weights = nn.Module()
+        self._table_slot: list[int] = []
+        self._compressed_names: list[str] = []
+        self._full_names: list[str] = []
+        for config in tables:
+            if config.name in compressed:
+                codes, codebooks = compressed[config.name]
+                num_subspaces, k, sub_dim = codebooks.shape
+                if tuple(codes.shape) != (config.num_embeddings, num_subspaces):
+                    raise ValueError(
+                        f"table {config.name!r}: codes {tuple(codes.shape)}, expected "
+                        f"({config.num_embeddings}, {num_subspaces})"
+                    )
+                if num_subspaces * sub_dim != config.embedding_dim:
+                    raise ValueError(
+                        f"table {config.name!r}: codebooks {tuple(codebooks.shape)} do not make "
+                        f"dim {config.embedding_dim}"
+                    )
+                self._table_slot.append(len(self._compressed_names))
+                self._compressed_names.append(config.name)
+                self.codes.register_buffer(config.name, codes)
+                flat = codebooks.float().reshape(num_subspaces * k, sub_dim).contiguous()
+                self.codebooks.register_buffer(config.name, flat)
+                bases = torch.arange(num_subspaces, device=flat.device, dtype=torch.int64) * k
+                self.code_bases.register_buffer(config.name, bases)
+            else:
+                weight = full[config.name]
+                if tuple(weight.shape) != (config.num_embeddings, config.embedding_dim):
+                    raise ValueError(
+                        f"table {config.name!r}: weight {tuple(weight.shape)}, expected "
+                        f"({config.num_embeddings}, {config.embedding_dim})"
+                    )
+                self._table_slot.append(-1 - len(self._full_names))
+                self._full_names.append(config.name)
+                self.weights.register_buffer(config.name, weight.float())
+        device = next(iter(self.buffers())).device if list(self.buffers()) else None
+        self.register_buffer(
+            "feature_sizes",
+            torch.tensor(
+                [t.num_embeddings for t in tables for _ in t.feature_names],
+                dtype=torch.int64,
+                device=device,
+            ),
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        device: torch.device | str = "cpu",
+        verify: bool = True,
+        unknown_id_policy: str | None = None,
+    ) -> "MECInferenceEmbeddingBagCollection":
+        """Serve the artifact folder ``path`` (written by ``export_model``).
+
+        Blobs are memory-mapped (on CPU codes and full tables stay views of the files); each is
+        checked against the manifest: presence, size, sha256 (skipped with ``verify=False``, for
+        a fast start from a trusted disk), tensor names, dtypes and shapes, code range.
+
+        Args:
+            path: the artifact folder.
+            device: where the buffers live (non-CPU devices copy them there).
+            verify: check every blob's sha256 (reads every byte once).
+            unknown_id_policy: overrides the policy the artifact was exported with.
+
+        Raises:
+            ArtifactError: the artifact is incomplete, corrupt, of an unknown format version or
+                inconsistent with its manifest (the message names the file and the mismatch).
+        """
+        root = Path(path)
+        manifest = read_manifest(root)
+        compressed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        full: dict[str, torch.Tensor] = {}
+        for table in manifest.tables:
+            tensors = read_table(root, table, verify, device)
+            if table.compressed:
+                compressed[table.name] = (tensors["codes"], decode_codebooks(tensors))
+            else:
+                full[table.name] = tensors["weight"]
+        return cls(
+            configs_of(manifest),
+            compressed,
+            full,
+            is_weighted=manifest.is_weighted,
+            unknown_id_policy=unknown_id_policy or manifest.unknown_id_policy,
+        )
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Module, use_precomputed_fake_quant: bool = False
+    ) -> "MECInferenceEmbeddingBagCollection":
+        """TorchRec/torch.ao quantization hook: a ``MECEmbeddingBagCollection`` -> serving module.
+
+        Called by ``quantize_inference_model`` with ``MEC_QUANT_MAPPING`` (the codebook dtype
+        follows ``module.qconfig``; see ``mec_torchrec.export.quant``).
+        """
+        from mec_torchrec.export.quant import from_mec_module
+
+        return from_mec_module(module)
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """The outer table configs, in output order."""
+        return self._configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pooled embeddings of ``features`` in EBC layout (see the class docstring)."""
+        ordered = ops.in_feature_order(features, self._features)
+        lengths = ordered.lengths()
+        values = torch.ops.mec_torchrec.checked_ids(
+            ordered.values(), lengths, self.feature_sizes, self._names, self._reserved
+        )
+        pooled = ops.pooled_lookup(
+            values,
+            lengths,
+            ordered.weights_or_none() if self._is_weighted else None,
+            ordered.stride(),
+            self._table_num_features,
+            self._table_dims,
+            self._table_is_mean,
+            self._table_slot,
+            [getattr(self.codes, n) for n in self._compressed_names],
+            [getattr(self.codebooks, n) for n in self._compressed_names],
+            [getattr(self.code_bases, n) for n in self._compressed_names],
+            [getattr(self.weights, n) for n in self._full_names],
+        )
+        return KeyedTensor(keys=self._features, length_per_key=self._feature_dims, values=pooled)
+
+    def embedding_bytes(self) -> dict[str, int]:
+        """Per table: bytes of its codes + stored codebooks, or of its full weight, as held."""
+        out = {}
+        for t in self._configs:
+            if t.name in self._compressed_names:
+                held = [getattr(self.codes, t.name), getattr(self.codebooks, t.name)]
+            else:
+                held = [getattr(self.weights, t.name)]
+            out[t.name] = sum(x.numel() * x.element_size() for x in held)
+        return out
+
+
+def configs_of(manifest: Manifest) -> list[EmbeddingBagConfig]:
+    """The outer EmbeddingBagConfigs an artifact's manifest describes."""
+    return [
+        EmbeddingBagConfig(
+            name=t.name,
+            num_embeddings=t.num_embeddings,
+            embedding_dim=t.embedding_dim,
+            feature_names=list(t.feature_names),
+            pooling=PoolingType[t.pooling],
+        )
+        for t in manifest.tables
+    ]

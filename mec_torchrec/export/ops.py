@@ -1,0 +1,148 @@
+"""The serving forward as plain ATen ops: an id check (a custom op) and a per-table pooled lookup.
+
+Both are ``torch.fx.wrap``-ed so torchrec's fx tracing keeps them as single calls, written in the
+TorchScript subset so the traced graph scripts, and free of data-dependent Python branches so
+``torch.export`` can trace them. The id check is a custom op (``torch.ops.mec_torchrec.checked_ids``)
+because its error names the feature, id and table size: an exported program cannot raise a
+message built from tensor values, but it can call an op that does. Importing this module registers
+the op, so a saved TorchScript or exported model needs ``import mec_torchrec.export`` to run.
+"""
+
+import json
+from bisect import bisect_right
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+OUT_OF_RANGE = ("error", "reserved")
+
+
+@torch.library.custom_op("mec_torchrec::checked_ids", mutates_args=())
+def checked_ids(
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    feature_sizes: torch.Tensor,
+    names: str,
+    reserved: bool,
+) -> torch.Tensor:
+    """``values`` with every id in ``[0, N)`` of its feature's table, as a new tensor.
+
+    Args:
+        values: int ids of all features, feature-major (as in a KeyedJaggedTensor).
+        lengths: [F * B] bag lengths.
+        feature_sizes: int64 [F], N of each feature's table.
+        names: JSON ``[[feature, table], ...]`` per feature, for the error message.
+        reserved: serve an out-of-range id as its table's last row, N - 1 (the OOV row the data
+            layer reserves), instead of raising.
+
+    Raises:
+        ValueError: an out-of-range id without ``reserved``, naming the first one's table, id,
+            range and feature.
+    """
+    per_feature = lengths.view(feature_sizes.numel(), -1).sum(1)
+    bounds = torch.repeat_interleave(feature_sizes, per_feature, output_size=values.numel())
+    bad = (values < 0) | (values >= bounds)
+    if not bool(bad.any()):
+        return values.clone()
+    if reserved:
+        return torch.where(bad, bounds - 1, values)
+    position = int(bad.nonzero()[0, 0])
+    f = bisect_right(list(accumulate(per_feature.tolist())), position)
+    feature, table = json.loads(names)[f]
+    raise ValueError(
+        f"table {table!r}: id {int(values[position])} out of range [0, {int(feature_sizes[f])}) "
+        f"in feature {feature!r} (load with unknown_id_policy='reserved' to serve such ids as the "
+        f"table's last row)"
+    )
+
+
+@checked_ids.register_fake
+def _checked_ids_fake(values, lengths, feature_sizes, names, reserved):
+    return torch.empty_like(values)
+
+
+@torch.fx.wrap
+def in_feature_order(features: KeyedJaggedTensor, order: list[str]) -> KeyedJaggedTensor:
+    """``features`` with its keys permuted into ``order`` (as is when already so).
+
+    Raises:
+        ValueError: a feature of ``order`` is missing.
+    """
+    keys = features.keys()
+    if keys == order:
+        return features
+    indices: list[int] = []
+    for name in order:
+        if name not in keys:
+            raise ValueError("input KeyedJaggedTensor lacks feature " + name)
+        indices.append(keys.index(name))
+    return features.permute(indices)
+
+
+@torch.fx.wrap
+def pooled_lookup(
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: torch.Tensor | None,
+    stride: int,
+    table_num_features: list[int],
+    table_dims: list[int],
+    table_is_mean: list[bool],
+    table_slot: list[int],
+    codes: list[torch.Tensor],
+    codebooks: list[torch.Tensor],
+    code_bases: list[torch.Tensor],
+    full_weights: list[torch.Tensor],
+) -> torch.Tensor:
+    """Pooled embeddings [B, sum of feature dims] in EBC layout, from checked ids.
+
+    Table t (features in order) reads ``codes[s]`` / ``codebooks[s]`` / ``code_bases[s]`` when
+    ``table_slot[t] = s >= 0`` (row j = ``codebooks[s][codes[s][j] + code_bases[s]]``
+    concatenated over subspaces; ``codebooks[s]`` is [L * K, D / L]), else
+    ``full_weights[-1 - table_slot[t]]``. Bags are summed (times ``weights`` if given) and mean
+    tables divide by the bag length, as the training module does.
+    """
+    per_feature = lengths.view(-1, stride).sum(1)
+    table_counts: list[torch.Tensor] = []
+    start = 0
+    for num in table_num_features:
+        table_counts.append(per_feature[start : start + num].sum())
+        start += num
+    counts: list[int] = torch.stack(table_counts).tolist()
+    if not torch.jit.is_scripting():
+        # torch.export sees data-dependent sizes here; state what holds for them.
+        for c in counts:
+            torch._check(c >= 0)
+        torch._check(sum(counts) == values.shape[0])
+    value_parts = torch.split(values, counts)
+    weight_parts: list[torch.Tensor] = []
+    if weights is not None:
+        weight_parts = torch.split(weights.float(), counts)
+    out: list[torch.Tensor] = []
+    start = 0
+    for t, num in enumerate(table_num_features):
+        ids = value_parts[t]
+        bag_lengths = lengths[start * stride : (start + num) * stride]
+        offsets = torch.cat([bag_lengths.new_zeros(1), bag_lengths.cumsum(0)])
+        w: torch.Tensor | None = weight_parts[t] if weights is not None else None
+        dim = table_dims[t]
+        slot = table_slot[t]
+        if slot >= 0:
+            n = ids.shape[0]
+            code_ids = codes[slot].index_select(0, ids).long() + code_bases[slot]
+            rows = codebooks[slot].index_select(0, code_ids.reshape(-1)).view(n, dim)
+            positions = torch.arange(n, device=ids.device)
+            pooled = F.embedding_bag(positions, rows, offsets, mode="sum", per_sample_weights=w,
+                                     include_last_offset=True)
+        else:
+            pooled = F.embedding_bag(ids, full_weights[-1 - slot], offsets, mode="sum",
+                                     per_sample_weights=w, include_last_offset=True)
+        if table_is_mean[t]:
+            pooled = pooled / bag_lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
+        if num > 1:
+            pooled = pooled.view(num, stride, dim).transpose(0, 1).reshape(stride, num * dim)
+        out.append(pooled)
+        start += num
+    return torch.cat(out, dim=1)
