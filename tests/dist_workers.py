@@ -1,0 +1,180 @@
+"""Bodies that run on every rank of a spawned gloo group (see dist_harness.run_ranks).
+
+Each body records named checks; the pytest side asserts one check per test.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from dist_harness import CheckRecorder
+from dist_models import (
+    LR,
+    batch,
+    compressed_tables,
+    meta_model,
+    plan,
+    reference_mec,
+    reference_model,
+    sharders,
+)
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import LazyAwaitable, ShardingEnv
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from mec_torchrec.distributed import load_mec_state
+
+SEED = 7
+CPU = torch.device("cpu")
+
+
+def wrap(kind: str, seed: int | None = None) -> DistributedModelParallel:
+    """DMP over the meta model with a `kind` plan; filled from `reference_model(seed)` unless None."""
+    dmp = DistributedModelParallel(
+        meta_model(),
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=CPU,
+        plan=plan(kind, dist.get_world_size(), dist.group.WORLD),
+        sharders=sharders(),
+    )
+    if seed is not None:
+        load_mec_state(dmp, reference_model(seed).state_dict())
+    return dmp
+
+
+def pooled(dmp: DistributedModelParallel, seed: int) -> KeyedTensor:
+    out = dmp.module.sparse(batch(seed).sparse_features)
+    return out.wait() if isinstance(out, LazyAwaitable) else out
+
+
+def local_values(value: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a state-dict entry: its local shards, or the whole replicated tensor."""
+    if isinstance(value, ShardedTensor):
+        shards = [s.tensor.detach().flatten() for s in value.local_shards()]
+        return torch.cat(shards) if shards else torch.empty(0)
+    return value.detach().flatten().clone()
+
+
+def optimizer(dmp: DistributedModelParallel) -> CombinedOptimizer:
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.SGD(params, lr=LR),
+    )
+    return CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+def check_forward(kind: str) -> None:
+    dmp = wrap(kind, SEED)
+    reference = reference_mec(SEED)
+    for i in range(2):
+        seed = 100 + 10 * dist.get_rank() + i
+        got = pooled(dmp, seed)
+        want = reference(batch(seed).sparse_features)
+        assert got.keys() == want.keys(), (got.keys(), want.keys())
+        assert got.length_per_key() == want.length_per_key()
+        torch.testing.assert_close(got.values(), want.values(), rtol=1e-5, atol=1e-6)
+
+
+def check_training(kind: str) -> None:
+    dmp = wrap(kind, SEED)
+    before = {k: local_values(v) for k, v in dmp.state_dict().items()}
+    opt = optimizer(dmp)
+    for step in range(3):
+        loss, _ = dmp(batch(300 + 10 * dist.get_rank() + step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = dmp.state_dict()
+    codebook_keys = [k for k in after if k.startswith("sparse.codebooks.")]
+    assert codebook_keys, sorted(after)
+    for key in codebook_keys:
+        now = local_values(after[key])
+        if now.numel() == 0:
+            continue  # table lives on another rank
+        assert not torch.equal(now, before[key]), f"{key} did not change in training"
+        if not isinstance(after[key], ShardedTensor):  # data parallel: replicas must agree
+            replicas = [torch.empty_like(now) for _ in range(dist.get_world_size())]
+            dist.all_gather(replicas, now)
+            for rank, replica in enumerate(replicas):
+                assert torch.equal(replica, now), f"{key}: rank {rank} replica differs"
+    for key in (k for k in after if k.startswith("sparse.codes.")):
+        assert torch.equal(local_values(after[key]), before[key]), f"{key} changed in training"
+
+
+def check_pipeline(kind: str) -> None:
+    dmp = wrap(kind, SEED)
+    batches = [batch(400 + 10 * dist.get_rank() + i) for i in range(4)]
+    _, want_first = reference_model(SEED)(batches[0])
+    pipeline = TrainPipelineSparseDist(dmp, optimizer(dmp), device=CPU, execute_all_batches=True)
+    stream = iter(batches)
+    outputs = [pipeline.progress(stream)]
+    torch.testing.assert_close(outputs[0], want_first, rtol=1e-5, atol=1e-6)
+    while True:
+        try:
+            outputs.append(pipeline.progress(stream))
+        except StopIteration:
+            break
+    assert len(outputs) == len(batches), len(outputs)
+    assert all(torch.isfinite(o).all() for o in outputs)
+
+
+def sharding_body(recorder: CheckRecorder, kinds: list[str]) -> None:
+    """Forward equality and training for each plan kind, the pipeline, and the loading paths."""
+    for kind in kinds:
+        recorder.run(f"forward[{kind}]", check_forward, kind)
+        recorder.run(f"training[{kind}]", check_training, kind)
+        if kind in ("table_wise", "planner"):
+            recorder.run(f"pipeline[{kind}]", check_pipeline, kind)
+    recorder.run("zero_codes_before_loading", check_zero_codes, "row_wise")
+    recorder.run("load_compressed_tables", check_load_tables, "row_wise")
+
+
+def check_zero_codes(kind: str) -> None:
+    state = wrap(kind).state_dict()
+    codes = [v for k, v in state.items() if k.startswith("sparse.codes.")]
+    assert codes and all(int(c.count_nonzero()) == 0 for c in codes)
+
+
+def check_load_tables(kind: str) -> None:
+    dmp = wrap(kind)
+    load_mec_state(dmp, compressed_tables(SEED))
+    seed = 500 + dist.get_rank()
+    got = pooled(dmp, seed).to_dict()
+    want = reference_mec(SEED)(batch(seed).sparse_features).to_dict()
+    for feature in ("f_a", "f_a2", "f_b"):  # compressed features only: t_c was not given
+        torch.testing.assert_close(got[feature], want[feature], rtol=1e-5, atol=1e-6)
+
+
+def dcp_body(recorder: CheckRecorder, steps: list[tuple[str, str, str, int]]) -> None:
+    """Runs checkpoint steps `(action, checkpoint_dir, plan_kind, seed)` in order, action being
+    "save" (a DMP model filled from `reference_model(seed)`) or "load" (into a fresh DMP model,
+    then compared with that reference). Check names: "save:<dir name>", "load:<dir name>"."""
+    for action, checkpoint, kind, seed in steps:
+        check = save_checkpoint if action == "save" else load_checkpoint
+        recorder.run(f"{action}:{Path(checkpoint).name}", check, checkpoint, kind, seed)
+
+
+def save_checkpoint(checkpoint: str, kind: str, seed: int) -> None:
+    dcp.save(wrap(kind, seed).state_dict(), checkpoint_id=Path(checkpoint))
+
+
+def load_checkpoint(checkpoint: str, kind: str, seed: int) -> None:
+    dmp = wrap(kind)
+    probe = batch(600 + dist.get_rank())
+    reference = reference_model(seed)
+    _, want = reference(probe)
+    _, fresh = dmp(probe)
+    assert not torch.allclose(fresh, want), "fresh model already matches: test proves nothing"
+    state = dmp.state_dict()
+    dcp.load(state, checkpoint_id=Path(checkpoint))
+    dmp.load_state_dict(state)
+    _, got = dmp(probe)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    loaded = dmp.state_dict()
+    for name, codes in reference.sparse.codes.named_buffers():
+        assert torch.equal(loaded[f"sparse.codes.{name}"], codes), name
