@@ -79,7 +79,7 @@ class MECQuantizer:
         in_batch_negatives: extra in-batch negatives per row for InfoNCE (0 = only the
             one-subspace negative).
         kmeans_iters: weighted Lloyd iterations for the initial codebooks.
-        init_size: PWR-weighted draws for k-means++ seeding and the Lloyd iterations.
+        init_size: pool rows (PWR-weighted) for k-means++ seeding and the Lloyd iterations.
         holdout_size: held-out rows for early stopping (at most N / 10).
         chunk_rows: rows per chunk in the streaming encode pass.
     """
@@ -233,11 +233,11 @@ class MECQuantizer:
             dim, self.hidden_dim or dim, pool.mean(0), math.sqrt(var), gen
         ).to(dev)
 
-        # k-means on a PWR draw of init_size rows: each distinct row held once, its multiplicity
-        # in the draw as its Lloyd weight.
-        draw = draw_rows(pool_w, min(self.init_size, pool.shape[0]), gen)
-        init_ids, mult = draw.unique(return_counts=True)
+        # k-means on a uniform subset of the pool, each row weighted by its exact PWR weight
+        # (weighting by multiplicities of a weighted draw adds sampling noise to the centroids).
+        init_ids = torch.randperm(pool.shape[0], generator=gen)[: self.init_size].sort().values
         init_x = pool[init_ids.to(dev)].view(-1, L, d)
+        mult = pool_w[init_ids]
         init = kmeans_pp(init_x, min(self.codebook_size, init_x.shape[0]), gen)
         if init.shape[1] < self.codebook_size:  # fewer distinct rows than K: pad from the pool
             extra = torch.randint(
