@@ -39,7 +39,7 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from mec_torchrec.distributed.regroup import PooledRegroup
+from mec_torchrec.distributed.regroup import regrouped
 from mec_torchrec.modules import MECEmbeddingBagCollection
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class ShardedMECEmbeddingBagCollection(
         # with self.codes above); the module is kept outside the nn.Module tree so its unsharded
         # codebooks are neither registered here nor saved twice.
         self._remap: Callable[[KeyedJaggedTensor], KeyedJaggedTensor] = module.remap
-        self._regroup = PooledRegroup(module.regroup)
+        self._regroup: Callable[[dict[str, torch.Tensor]], KeyedTensor] = module.regroup
 
     def create_context(self) -> EmbeddingBagCollectionContext:
         return self.codebooks.create_context()
@@ -170,9 +170,7 @@ class ShardedMECEmbeddingBagCollection(
         return self._with_regroup(self.codebooks.compute_and_output_dist(ctx, input))
 
     def _with_regroup(self, pooled: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
-        # Sharded output keys come in sharding order; PooledRegroup maps them by name.
-        pooled.callbacks.append(self._regroup)
-        return pooled
+        return regrouped(pooled, self._regroup)
 
     def load_compressed(self, name: str, table: "CompressedTable") -> None:
         """Fills table `name`'s codes (every rank) and its codebook shards from `table`.
