@@ -184,3 +184,15 @@ def test_bad_input_raises_value_error(cls, args, inputs, match):
 def test_codebook_size_out_of_code_range_raises(cls, k):
     with pytest.raises(ValueError, match=str(k)):
         cls(L, k)
+
+
+def test_dead_codes_are_reseeded_and_reported():
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(8, D, generator=g)  # 8 distinct rows for 16 entries: >= 8 stay dead
+    weight = points[torch.randint(0, 8, (400,), generator=g)]
+    quantizer = _mec(epochs=1, use_contrastive=False)
+    table = quantizer.fit(weight, torch.ones(400, dtype=torch.long))
+    assert quantizer.history[1]["reseeded"] >= 8 * L
+    assert all(dead >= 8 for dead in table.stats["dead_codes"])
+    assert all(p <= 8.0 + 1e-6 for p in table.stats["perplexity"])
+    assert table.stats["mse"] == pytest.approx(0.0, abs=1e-10)
