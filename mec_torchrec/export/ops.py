@@ -104,7 +104,8 @@ def pooled_lookup(
     ``full_weights[-1 - table_slot[t]]``. Bags are summed (times ``weights`` if given) and mean
     tables divide by the bag length, as the training module does.
     """
-    per_feature = lengths.view(-1, stride).sum(1)
+    bag_lengths_2d = lengths.view(-1, stride)
+    per_feature = bag_lengths_2d.sum(1)
     table_counts: list[torch.Tensor] = []
     start = 0
     for num in table_num_features:
@@ -124,7 +125,7 @@ def pooled_lookup(
     start = 0
     for t, num in enumerate(table_num_features):
         ids = value_parts[t]
-        bag_lengths = lengths[start * stride : (start + num) * stride]
+        bag_lengths = bag_lengths_2d[start : start + num].reshape(-1)
         offsets = torch.cat([bag_lengths.new_zeros(1), bag_lengths.cumsum(0)])
         w: torch.Tensor | None = weight_parts[t] if weights is not None else None
         dim = table_dims[t]
@@ -142,7 +143,10 @@ def pooled_lookup(
         if table_is_mean[t]:
             pooled = pooled / bag_lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
         if num > 1:
-            pooled = pooled.view(num, stride, dim).transpose(0, 1).reshape(stride, num * dim)
-        out.append(pooled)
+            # Side by side per feature; cat, not transpose + reshape, whose copy-or-view
+            # depends on B == 1 and would pin an exported program's batch size.
+            out.extend(pooled.view(num, stride, dim).unbind(0))
+        else:
+            out.append(pooled)
         start += num
     return torch.cat(out, dim=1)

@@ -35,7 +35,12 @@ def export_program(model: nn.Module, args: tuple) -> torch.export.ExportedProgra
         program = export_program(dlrm, (dense, kjt))
         torch.export.save(program, "dlrm.pt2")
     """
-    return torch.export.export(model, args, dynamic_shapes=dynamic_shapes(args), strict=False)
+    # Size-oblivious tracing keeps batch size 1 (and empty id lists) inside the program's range:
+    # by default export assumes a dynamic size is neither 0 nor 1.
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        return torch.export.export(
+            model, args, dynamic_shapes=dynamic_shapes(args), strict=False
+        )
 
 
 def script_model(model: nn.Module) -> torch.jit.ScriptModule:

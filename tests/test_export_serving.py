@@ -1,0 +1,129 @@
+"""The serving module scripts, exports, survives save/load in a fresh process, and plugs into
+torchrec's inference quantization."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from test_export import make_dlrm, make_kjt, make_mec, tables
+from torchrec.inference.modules import quantize_inference_model
+from torchrec.quant.embedding_modules import (
+    EmbeddingBagCollection as QuantEmbeddingBagCollection,
+)
+
+from mec_torchrec.export import (
+    MEC_QUANT_MAPPING,
+    MECInferenceEmbeddingBagCollection,
+    export_model,
+    export_program,
+    script_model,
+)
+from mec_torchrec.export.quant import from_mec_module
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def serving(tmp_path: Path) -> MECInferenceEmbeddingBagCollection:
+    export_model(make_mec(), tmp_path / "art")
+    return MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+
+
+def test_scripted_module_equals_eager(serving: MECInferenceEmbeddingBagCollection) -> None:
+    scripted = script_model(serving)
+    for batch, seed in ((1, 1), (7, 2)):
+        kjt = make_kjt(tables(), batch=batch, seed=seed, keys=["d", "a", "e", "c", "b"])
+        out = scripted(kjt)
+        assert out.keys() == ["a", "b", "c", "d", "e"]
+        torch.testing.assert_close(out.values(), serving(kjt).values(), atol=0, rtol=0)
+
+
+def test_exported_program_serves_other_batch_sizes(
+    serving: MECInferenceEmbeddingBagCollection,
+) -> None:
+    program = export_program(serving, (make_kjt(tables(), batch=4, seed=3),))
+    for batch, seed in ((1, 4), (33, 5)):
+        kjt = make_kjt(tables(), batch=batch, seed=seed)
+        torch.testing.assert_close(program.module()(kjt).values(), serving(kjt).values(),
+                                   atol=0, rtol=0)
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import mec_torchrec.export  # registers torch.ops.mec_torchrec.checked_ids
+    inputs = torch.load(sys.argv[1], weights_only=False)
+    scripted = torch.jit.load(sys.argv[2])
+    program = torch.export.load(sys.argv[3])
+    for name, model in (("jit", scripted), ("export", program.module())):
+        out = model(inputs["dense"], inputs["kjt"])
+        assert torch.equal(out, inputs["expected"]), (name, (out - inputs["expected"]).abs().max())
+    print("ok")
+    """
+)
+
+
+def test_dlrm_with_serving_module_saved_and_run_in_a_fresh_process(
+    serving: MECInferenceEmbeddingBagCollection, tmp_path: Path
+) -> None:
+    dlrm = make_dlrm(serving).eval()
+    dense, kjt = torch.randn(5, 3), make_kjt(tables(), batch=5, seed=6)
+    with torch.no_grad():
+        expected = dlrm(dense, kjt)
+        torch.jit.save(script_model(dlrm), tmp_path / "dlrm.jit.pt")
+        torch.export.save(export_program(dlrm, (dense, kjt)), tmp_path / "dlrm.pt2")
+    torch.save({"dense": dense, "kjt": kjt, "expected": expected}, tmp_path / "inputs.pt")
+    script = tmp_path / "serve.py"
+    script.write_text(FRESH_PROCESS)
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "inputs.pt"), str(tmp_path / "dlrm.jit.pt"),
+         str(tmp_path / "dlrm.pt2")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "codebook_dtype"),
+    [(torch.qint8, "int8"), (torch.float16, "fp16"), (torch.float32, "fp32")],
+)
+def test_quantize_inference_model_swaps_in_the_serving_module(dtype: torch.dtype,
+                                                              codebook_dtype: str) -> None:
+    mec = make_mec()
+    dlrm = make_dlrm(mec)
+    kjt = make_kjt(tables(), batch=6, seed=7)
+    quantized = quantize_inference_model(copy.deepcopy(dlrm), quantization_mapping=MEC_QUANT_MAPPING,
+                                         quantization_dtype=dtype)
+    module = quantized.sparse_arch.embedding_bag_collection
+    assert isinstance(module, MECInferenceEmbeddingBagCollection)
+    out, ref = module(kjt).values(), mec(kjt).values().detach()
+    # Children convert first: torchrec stores every inner table (codebooks and full tables) as
+    # int8 rows, then the codebooks are stored as MEC int8: half a step each, <= 3 ids per bag.
+    step = max(float((b.weight.amax(1) - b.weight.amin(1)).max()) / 255
+               for b in mec.codebooks.embedding_bags.values())
+    atol = {"int8": 3 * step + 1e-4, "fp16": 1e-3 * float(ref.abs().max()), "fp32": 1e-6}
+    torch.testing.assert_close(out, ref, atol=atol[codebook_dtype], rtol=0)
+
+
+def test_conversion_reads_an_inner_ebc_torchrec_already_quantized() -> None:
+    mec = make_mec()
+    reference = from_mec_module(mec, "fp32")
+    mec.codebooks.qconfig = torch.ao.quantization.QConfig(
+        activation=torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch.float),
+        weight=torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch.float16),
+    )
+    mec.codebooks = QuantEmbeddingBagCollection.from_float(mec.codebooks)
+    converted = from_mec_module(mec, "fp32")
+    kjt = make_kjt(tables(), batch=8, seed=8)
+    ref = reference(kjt).values()
+    torch.testing.assert_close(converted(kjt).values(), ref,
+                               atol=1e-3 * float(ref.abs().max()), rtol=0)
