@@ -33,6 +33,7 @@ def _metrics(stage: dict, bytes_: int) -> dict[str, Any]:
         "valid_auc": stage["valid"]["auc"],
         "valid_logloss": stage["valid"]["logloss"],
         "best_step": stage.get("best_step"),
+        "best_epoch": stage["valid"].get("epoch", 0.0),
     }
 
 
@@ -93,33 +94,21 @@ def write(out: Path) -> dict[str, Any]:
 
 
 def table(rep: dict[str, Any]) -> str:
-    """The summary the demo prints: baseline vs MEC (and its variants) side by side."""
-    rows = [("model", "test AUC", "test logloss", "emb. bytes", "ratio")]
-    base = rep.get("baseline")
-    if base:
-        rows.append(
-            (
-                "baseline (full tables)",
-                f"{base['auc']:.4f}",
-                f"{base['logloss']:.4f}",
-                f"{base['embedding_bytes']:,}",
-                "1.0x",
-            )
-        )
+    """The summary the demo prints: baseline vs MEC (and its variants) side by side.
+
+    "best at" is where in its own stage the kept state was found (epochs of that stage's data).
+    """
+    rows = [("model", "test AUC", "test logloss", "emb. bytes", "ratio", "best at")]
     ratio = rep.get("compression_ratio")
-    for name, m in [("MEC, no retraining", rep.get("mec_no_retrain"))] + [
-        (f"MEC, retrained ({v})", m) for v, m in rep.get("mec_variants", {}).items()
-    ]:
+    models = [("baseline (full tables)", rep.get("baseline"), 1.0)]
+    models.append(("MEC, no retraining", rep.get("mec_no_retrain"), ratio))
+    for variant, m in rep.get("mec_variants", {}).items():
+        models.append((f"MEC, retrained ({variant})", m, ratio))
+    for name, m, r in models:
         if m:
-            rows.append(
-                (
-                    name,
-                    f"{m['auc']:.4f}",
-                    f"{m['logloss']:.4f}",
-                    f"{m['embedding_bytes']:,}",
-                    f"{ratio:.1f}x",
-                )
-            )
+            at = "-" if m is rep.get("mec_no_retrain") else f"{m['best_epoch']:.2f} ep"
+            rows.append((name, f"{m['auc']:.4f}", f"{m['logloss']:.4f}",
+                         f"{m['embedding_bytes']:,}", f"{r:.1f}x", at))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -132,6 +121,7 @@ def table(rep: dict[str, Any]) -> str:
             f"{rep['compression_ratio_compressed_tables']:.1f}x over the "
             f"{len(rep['mec']['tables'])} compressed tables (codes counted)"
         )
+    base = rep.get("baseline")
     if base and rep.get("mec", {}).get("auc") is not None:
         lines.append(f"MEC - baseline test AUC: {rep['mec']['auc'] - base['auc']:+.4f}")
     if rep["seconds"]:
@@ -209,3 +199,18 @@ def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m apps.dlrm.report DIR``: print the summary table of a finished (or partial) run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="apps.dlrm.report", description=main.__doc__)
+    parser.add_argument("out", type=Path, help="the run's output folder (holds report.json)")
+    args = parser.parse_args(argv)
+    print(table(build(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
