@@ -24,7 +24,9 @@ from mec_torchrec.modules import MECEmbeddingBagCollection, MECTableConfig
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 DIM = 8
-COMPRESSION = {"t_a": MECTableConfig(4, 16), "t_c": MECTableConfig(2, 8)}
+COMPRESSION = {"t_a": MECTableConfig(4, 16), "t_c": MECTableConfig(4, 8)}
+# Serving layouts: one stacked lookup (the default for one D and one L) or one per table.
+LAYOUTS = pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_table"])
 
 
 def tables() -> list[EmbeddingBagConfig]:
@@ -75,11 +77,14 @@ def int8_bound(mec: MECEmbeddingBagCollection, bag: int = 3) -> float:
     return bag * float(max(steps)) / 2 + 1e-6
 
 
+@LAYOUTS
 @pytest.mark.parametrize("codebook_dtype", ["fp32", "fp16", "int8"])
-def test_serving_output_equals_training_module(tmp_path: Path, codebook_dtype: str) -> None:
+def test_serving_output_equals_training_module(tmp_path: Path, codebook_dtype: str,
+                                               fused: bool) -> None:
     mec = make_mec()
     export_model(mec, tmp_path / "art", codebook_dtype)
-    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art", fused=fused)
+    assert serving.fused == fused
     kjt = make_kjt(tables(), batch=16, seed=1)
     out, ref = serving(kjt), mec(kjt)
     assert out.keys() == ref.keys() == ["a", "b", "c", "d", "e"]
@@ -89,10 +94,11 @@ def test_serving_output_equals_training_module(tmp_path: Path, codebook_dtype: s
     torch.testing.assert_close(out.values(), ref.values().detach(), atol=atol, rtol=0)
 
 
-def test_any_key_order_and_extra_keys_give_the_ebc_layout(tmp_path: Path) -> None:
+@LAYOUTS
+def test_any_key_order_and_extra_keys_give_the_ebc_layout(tmp_path: Path, fused: bool) -> None:
     mec = make_mec()
     export_model(mec, tmp_path / "art")
-    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art", fused=fused)
     ordered = make_kjt(tables(), batch=5, seed=2)
     extra = [*tables(), EmbeddingBagConfig(name="t_z", embedding_dim=2, num_embeddings=3,
                                            feature_names=["z"])]
@@ -102,10 +108,11 @@ def test_any_key_order_and_extra_keys_give_the_ebc_layout(tmp_path: Path) -> Non
                                    atol=1e-6, rtol=0)
 
 
-def test_weighted_serving_equals_training_module(tmp_path: Path) -> None:
+@LAYOUTS
+def test_weighted_serving_equals_training_module(tmp_path: Path, fused: bool) -> None:
     mec = make_mec(weighted=True)
     export_model(mec, tmp_path / "art")
-    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art", fused=fused)
     assert serving.is_weighted()
     kjt = make_kjt(mec.embedding_bag_configs(), batch=9, seed=4, weighted=True)
     torch.testing.assert_close(serving(kjt).values(), mec(kjt).values().detach(),
@@ -114,7 +121,8 @@ def test_weighted_serving_equals_training_module(tmp_path: Path) -> None:
 
 def test_serving_module_holds_buffers_only_and_maps_the_codes(tmp_path: Path) -> None:
     export_model(make_mec(), tmp_path / "art")
-    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+    assert list(MECInferenceEmbeddingBagCollection.load(tmp_path / "art").parameters()) == []
+    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art", fused=False)
     assert list(serving.parameters()) == []
     assert serving.codes.t_a.dtype == torch.uint8
     maps = Path("/proc/self/maps")
@@ -125,6 +133,20 @@ def test_serving_module_holds_buffers_only_and_maps_the_codes(tmp_path: Path) ->
     mapped = [line.split()[0].split("-") for line in maps.read_text().splitlines()
               if line.endswith(blob)]
     assert any(int(lo, 16) <= pointer < int(hi, 16) for lo, hi in mapped)
+
+
+def test_tables_of_different_subspaces_are_served_per_table(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    mec = MECEmbeddingBagCollection(tables(), {"t_a": MECTableConfig(4, 16),
+                                               "t_c": MECTableConfig(2, 8)})
+    export_model(mec, tmp_path / "art")
+    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+    assert not serving.fused
+    with pytest.raises(ValueError, match="fused=True needs"):
+        MECInferenceEmbeddingBagCollection.load(tmp_path / "art", fused=True)
+    kjt = make_kjt(tables(), batch=6, seed=9)
+    torch.testing.assert_close(serving(kjt).values(), mec(kjt).values().detach(),
+                               atol=1e-6, rtol=0)
 
 
 def test_manifest_describes_every_table_and_blob(tmp_path: Path) -> None:

@@ -99,10 +99,11 @@ def kjt_with(a_ids: list[int]) -> KeyedJaggedTensor:
     )
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("bad_id", [500, -1])
-def test_out_of_range_id_raises_naming_table_id_rows_and_feature(artifact: Path,
-                                                                  bad_id: int) -> None:
-    serving = MECInferenceEmbeddingBagCollection.load(artifact)
+def test_out_of_range_id_raises_naming_table_id_rows_and_feature(artifact: Path, bad_id: int,
+                                                                  fused: bool) -> None:
+    serving = MECInferenceEmbeddingBagCollection.load(artifact, fused=fused)
     message = rf"table 't_a': id {bad_id} out of range \[0, 500\) in feature 'a'"
     with pytest.raises(ValueError, match=message):
         serving(kjt_with([3, bad_id]))
@@ -110,8 +111,11 @@ def test_out_of_range_id_raises_naming_table_id_rows_and_feature(artifact: Path,
         script_model(serving)(kjt_with([3, bad_id]))
 
 
-def test_reserved_policy_serves_out_of_range_ids_as_the_last_row(artifact: Path) -> None:
-    serving = MECInferenceEmbeddingBagCollection.load(artifact, unknown_id_policy="reserved")
+@pytest.mark.parametrize("fused", [True, False])
+def test_reserved_policy_serves_out_of_range_ids_as_the_last_row(artifact: Path,
+                                                                 fused: bool) -> None:
+    serving = MECInferenceEmbeddingBagCollection.load(artifact, unknown_id_policy="reserved",
+                                                      fused=fused)
     out = serving(kjt_with([3, 500, -7])).values()
     ref = serving(kjt_with([3, 499, 499])).values()
     torch.testing.assert_close(out, ref, atol=0, rtol=0)

@@ -30,10 +30,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def serving(tmp_path: Path) -> MECInferenceEmbeddingBagCollection:
+@pytest.fixture(params=[True, False], ids=["fused", "per_table"])
+def serving(tmp_path: Path, request: pytest.FixtureRequest) -> MECInferenceEmbeddingBagCollection:
     export_model(make_mec(), tmp_path / "art")
-    return MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+    return MECInferenceEmbeddingBagCollection.load(tmp_path / "art", fused=request.param)
 
 
 def test_scripted_module_equals_eager(serving: MECInferenceEmbeddingBagCollection) -> None:
@@ -71,10 +71,9 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def test_dlrm_with_serving_module_saved_and_run_in_a_fresh_process(
-    serving: MECInferenceEmbeddingBagCollection, tmp_path: Path
-) -> None:
-    dlrm = make_dlrm(serving).eval()
+def test_dlrm_with_serving_module_saved_and_run_in_a_fresh_process(tmp_path: Path) -> None:
+    export_model(make_mec(), tmp_path / "art")
+    dlrm = make_dlrm(MECInferenceEmbeddingBagCollection.load(tmp_path / "art")).eval()
     dense, kjt = torch.randn(5, 3), make_kjt(tables(), batch=5, seed=6)
     with torch.no_grad():
         expected = dlrm(dense, kjt)

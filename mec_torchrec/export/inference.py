@@ -9,6 +9,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from mec_torchrec.export import fused as fused_lookup
 from mec_torchrec.export import ops
 from mec_torchrec.export.format import Manifest, decode_codebooks
 from mec_torchrec.export.reader import read_manifest, read_table
@@ -23,14 +24,21 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
     ``KT[i] = cat([pool_f(rows of J[f][i]) for f in features])`` (SUM, or MEAN = SUM / bag length;
     input weights multiply rows when the artifact is weighted).
 
-    Held as buffers: per compressed table ``codes.<table>`` [N, L] (mapped from the artifact, not
-    copied, on CPU) and ``codebooks.<table>`` [L * K, D / L] float32 (decoded once from fp32, fp16
-    or int8 storage: codebooks are small, so the hot path never dequantizes), plus
-    ``weights.<table>`` [N, D] float32 for each full table.
+    Codebooks are decoded once to float32 at load (from fp32, fp16 or int8 storage; they are
+    small, so the hot path never dequantizes). Two layouts of the buffers:
 
-    The forward is an id check (``torch.ops.mec_torchrec.checked_ids``) and one pooled lookup per
-    table in plain ATen ops, so the module fx-traces with ``torchrec.fx.symbolic_trace``, scripts
-    with ``torch.jit.script`` and exports with ``torch.export.export``.
+    * fused (default when all tables share D and compressed tables share L, as in DLRM):
+      ``fused_codes`` [sum N, L] (all codes stacked), ``fused_weight`` [R, D / L] (all codebooks
+      and the full tables cut into L chunks per row); a request is one codes gather, one scatter
+      and one ``embedding_bag``, whatever the number of tables (see ``fused.py``).
+    * per table (``fused=False``): ``codes.<table>`` [N, L], ``codebooks.<table>`` [L * K, D / L],
+      ``weights.<table>`` [N, D]; on CPU codes and full tables stay views of the mapped blobs
+      (zero-copy, page cache shared across processes), at one lookup per table.
+
+    The forward is an id check and the pooled lookup, in plain ATen ops plus one custom op
+    (``torch.ops.mec_torchrec.checked_ids``, called for out-of-range ids and inside exported
+    programs), so the module fx-traces with ``torchrec.fx.symbolic_trace``, scripts with
+    ``torch.jit.script`` and exports with ``torch.export.export``.
 
     Args:
         tables: the outer table configs, in output order.
@@ -40,6 +48,7 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
         unknown_id_policy: ``"error"`` (default) raises ``ValueError`` naming table, id, range and
             feature for an id outside [0, N); ``"reserved"`` serves such an id as row N - 1, the
             OOV row the data layer reserves. Never silently row 0.
+        fused: the buffer layout (None: fused when possible; see above).
 
     Example::
 
@@ -56,6 +65,7 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
         full: dict[str, torch.Tensor],
         is_weighted: bool = False,
         unknown_id_policy: str = "error",
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         if unknown_id_policy not in ops.OUT_OF_RANGE:
@@ -71,44 +81,48 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
         self._table_dims = [t.embedding_dim for t in tables]
         self._table_is_mean = [t.pooling == PoolingType.MEAN for t in tables]
         self._names = json.dumps([[f, t.name] for t in tables for f in t.feature_names])
-        self.codes = nn.Module()
-        self.codebooks = nn.Module()
-        self.code_bases = nn.Module()
-        self.weights = nn.Module()
         self._table_slot: list[int] = []
         self._compressed_names: list[str] = []
         self._full_names: list[str] = []
-        for config in tables:
-            if config.name in compressed:
-                codes, codebooks = compressed[config.name]
-                num_subspaces, k, sub_dim = codebooks.shape
-                if tuple(codes.shape) != (config.num_embeddings, num_subspaces):
-                    raise ValueError(
-                        f"table {config.name!r}: codes {tuple(codes.shape)}, expected "
-                        f"({config.num_embeddings}, {num_subspaces})"
-                    )
-                if num_subspaces * sub_dim != config.embedding_dim:
-                    raise ValueError(
-                        f"table {config.name!r}: codebooks {tuple(codebooks.shape)} do not make "
-                        f"dim {config.embedding_dim}"
-                    )
-                self._table_slot.append(len(self._compressed_names))
-                self._compressed_names.append(config.name)
-                self.codes.register_buffer(config.name, codes)
-                flat = codebooks.float().reshape(num_subspaces * k, sub_dim).contiguous()
-                self.codebooks.register_buffer(config.name, flat)
-                bases = torch.arange(num_subspaces, device=flat.device, dtype=torch.int64) * k
-                self.code_bases.register_buffer(config.name, bases)
-            else:
-                weight = full[config.name]
-                if tuple(weight.shape) != (config.num_embeddings, config.embedding_dim):
-                    raise ValueError(
-                        f"table {config.name!r}: weight {tuple(weight.shape)}, expected "
-                        f"({config.num_embeddings}, {config.embedding_dim})"
-                    )
-                self._table_slot.append(-1 - len(self._full_names))
-                self._full_names.append(config.name)
-                self.weights.register_buffer(config.name, weight.float())
+        per_table = [_checked_table(t, compressed, full) for t in tables]
+        subspaces = [pair[1].shape[0] for pair, _ in per_table if pair is not None]
+        can = fused_lookup.can_fuse(self._table_dims, subspaces)
+        if fused and not can:
+            raise ValueError("fused=True needs one dim for all tables and one L for compressed ones")
+        self._fused = can if fused is None else fused
+        if self._fused:
+            plan = fused_lookup.build(
+                self._table_num_features,
+                [pair for pair, _ in per_table],
+                [weight for _, weight in per_table],
+                self._table_is_mean,
+                subspaces[0] if subspaces else 1,
+            )
+            self._num_slots = plan.num_slots
+            self._has_mean = any(self._table_is_mean)
+            for name in ("weight", "codes", "feature_plan", "feature_is_mean"):
+                self.register_buffer(f"fused_{name}", getattr(plan, name))
+        else:
+            self.codes = nn.Module()
+            self.codebooks = nn.Module()
+            self.code_bases = nn.Module()
+            self.weights = nn.Module()
+            for config, (pair, weight) in zip(tables, per_table):
+                if pair is not None:
+                    codes, codebooks = pair
+                    num_subspaces, k, sub_dim = codebooks.shape
+                    self._table_slot.append(len(self._compressed_names))
+                    self._compressed_names.append(config.name)
+                    self.codes.register_buffer(config.name, codes)
+                    flat = codebooks.float().reshape(num_subspaces * k, sub_dim).contiguous()
+                    self.codebooks.register_buffer(config.name, flat)
+                    bases = torch.arange(num_subspaces, device=flat.device) * k
+                    self.code_bases.register_buffer(config.name, bases)
+                else:
+                    assert weight is not None
+                    self._table_slot.append(-1 - len(self._full_names))
+                    self._full_names.append(config.name)
+                    self.weights.register_buffer(config.name, weight.float())
         device = next(iter(self.buffers())).device if list(self.buffers()) else None
         self.register_buffer(
             "feature_sizes",
@@ -126,6 +140,7 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
         device: torch.device | str = "cpu",
         verify: bool = True,
         unknown_id_policy: str | None = None,
+        fused: bool | None = None,
     ) -> "MECInferenceEmbeddingBagCollection":
         """Serve the artifact folder ``path`` (written by ``export_model``).
 
@@ -138,6 +153,10 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
             device: where the buffers live (non-CPU devices copy them there).
             verify: check every blob's sha256 (reads every byte once).
             unknown_id_policy: overrides the policy the artifact was exported with.
+            fused: serve all tables with one stacked lookup (default when all tables share a
+                dim and compressed ones an L; copies codes and tables once into stacked
+                buffers) or, with ``False``, one lookup per table straight from the mapped
+                blobs (zero-copy: the page cache is shared by every process serving them).
 
         Raises:
             ArtifactError: the artifact is incomplete, corrupt, of an unknown format version or
@@ -159,6 +178,7 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
             full,
             is_weighted=manifest.is_weighted,
             unknown_id_policy=unknown_id_policy or manifest.unknown_id_policy,
+            fused=fused,
         )
 
     @classmethod
@@ -185,35 +205,81 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
         """Pooled embeddings of ``features`` in EBC layout (see the class docstring)."""
         ordered = ops.in_feature_order(features, self._features)
         lengths = ordered.lengths()
-        values = torch.ops.mec_torchrec.checked_ids(
+        values = ops.check_ids(
             ordered.values(), lengths, self.feature_sizes, self._names, self._reserved
         )
-        pooled = ops.pooled_lookup(
-            values,
-            lengths,
-            ordered.weights_or_none() if self._is_weighted else None,
-            ordered.stride(),
-            self._table_num_features,
-            self._table_dims,
-            self._table_is_mean,
-            self._table_slot,
-            [getattr(self.codes, n) for n in self._compressed_names],
-            [getattr(self.codebooks, n) for n in self._compressed_names],
-            [getattr(self.code_bases, n) for n in self._compressed_names],
-            [getattr(self.weights, n) for n in self._full_names],
-        )
+        weights = ordered.weights_or_none() if self._is_weighted else None
+        if self._fused:
+            pooled = fused_lookup.fused_pooled_lookup(
+                values,
+                lengths,
+                weights,
+                ordered.stride(),
+                self.fused_weight,
+                self.fused_codes,
+                self.fused_feature_plan,
+                self.fused_feature_is_mean,
+                self._num_slots,
+                self._has_mean,
+            )
+        else:
+            pooled = ops.pooled_lookup(
+                values,
+                lengths,
+                weights,
+                ordered.stride(),
+                self._table_num_features,
+                self._table_dims,
+                self._table_is_mean,
+                self._table_slot,
+                [getattr(self.codes, n) for n in self._compressed_names],
+                [getattr(self.codebooks, n) for n in self._compressed_names],
+                [getattr(self.code_bases, n) for n in self._compressed_names],
+                [getattr(self.weights, n) for n in self._full_names],
+            )
         return KeyedTensor(keys=self._features, length_per_key=self._feature_dims, values=pooled)
 
-    def embedding_bytes(self) -> dict[str, int]:
-        """Per table: bytes of its codes + stored codebooks, or of its full weight, as held."""
-        out = {}
-        for t in self._configs:
-            if t.name in self._compressed_names:
-                held = [getattr(self.codes, t.name), getattr(self.codebooks, t.name)]
-            else:
-                held = [getattr(self.weights, t.name)]
-            out[t.name] = sum(x.numel() * x.element_size() for x in held)
-        return out
+    @property
+    def fused(self) -> bool:
+        """Whether all tables are served by one stacked lookup (else one lookup per table)."""
+        return self._fused
+
+    def embedding_bytes(self) -> int:
+        """Bytes of the tensors held (codes, codebooks, full tables; index plans excluded)."""
+        if self._fused:
+            held = [self.fused_weight, self.fused_codes]
+        else:
+            held = [*self.codes.buffers(), *self.codebooks.buffers(), *self.weights.buffers()]
+        return sum(x.numel() * x.element_size() for x in held)
+
+
+def _checked_table(
+    config: EmbeddingBagConfig,
+    compressed: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    full: dict[str, torch.Tensor],
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    """(codes, codebooks) or the full weight of one table, shapes checked against its config."""
+    if config.name in compressed:
+        codes, codebooks = compressed[config.name]
+        num_subspaces, _, sub_dim = codebooks.shape
+        if tuple(codes.shape) != (config.num_embeddings, num_subspaces):
+            raise ValueError(
+                f"table {config.name!r}: codes {tuple(codes.shape)}, expected "
+                f"({config.num_embeddings}, {num_subspaces})"
+            )
+        if num_subspaces * sub_dim != config.embedding_dim:
+            raise ValueError(
+                f"table {config.name!r}: codebooks {tuple(codebooks.shape)} do not make "
+                f"dim {config.embedding_dim}"
+            )
+        return (codes, codebooks), None
+    weight = full[config.name]
+    if tuple(weight.shape) != (config.num_embeddings, config.embedding_dim):
+        raise ValueError(
+            f"table {config.name!r}: weight {tuple(weight.shape)}, expected "
+            f"({config.num_embeddings}, {config.embedding_dim})"
+        )
+    return None, weight
 
 
 def configs_of(manifest: Manifest) -> list[EmbeddingBagConfig]:

@@ -64,6 +64,31 @@ def _checked_ids_fake(values, lengths, feature_sizes, names, reserved):
 
 
 @torch.fx.wrap
+def check_ids(
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    feature_sizes: torch.Tensor,
+    names: str,
+    reserved: bool,
+) -> torch.Tensor:
+    """``checked_ids`` at the cost of a few ATen ops when every id is valid (the usual case).
+
+    The custom op (a Python call) only runs when an id is out of range, to raise or to replace
+    it; under ``torch.export``, which cannot branch on tensor values, it always runs.
+    """
+    if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript skips this block only as is)
+        if torch.compiler.is_exporting():
+            return torch.ops.mec_torchrec.checked_ids(
+                values, lengths, feature_sizes, names, reserved
+            )
+    per_feature = lengths.view(feature_sizes.shape[0], -1).sum(1)
+    bounds = torch.repeat_interleave(feature_sizes, per_feature, output_size=values.shape[0])
+    if bool(((values < 0) | (values >= bounds)).any()):
+        return torch.ops.mec_torchrec.checked_ids(values, lengths, feature_sizes, names, reserved)
+    return values
+
+
+@torch.fx.wrap
 def in_feature_order(features: KeyedJaggedTensor, order: list[str]) -> KeyedJaggedTensor:
     """``features`` with its keys permuted into ``order`` (as is when already so).
 

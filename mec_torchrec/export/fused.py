@@ -1,0 +1,161 @@
+"""The fused serving lookup: every table in one ``embedding_bag`` call, op count independent of F.
+
+Applies when all tables share one dim D and all compressed tables one L (what DLRM needs anyway).
+Then every feature has L *slots* of width d = D / L: slot l of a compressed row is codebook entry
+``codes[j, l]`` of subspace l, slot l of a full row is its l-th d-wide chunk. All codebooks and
+full tables are stacked into one weight [R, d] (full table rows split into L chunks), all codes
+into one [sum N, L] tensor, and a request becomes one gather of codes, one scatter of lookup rows
+and one pooled lookup whose bags are ordered (sample, feature, slot): the pooled [B * F * L, d]
+*is* the EBC layout [B, F * D] without a transpose.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class FusedTables:
+    """The stacked tensors and per-feature plans of the fused lookup (built once at load)."""
+
+    weight: torch.Tensor  # [R, d] float32: all codebooks and full-table chunks
+    codes: torch.Tensor  # [sum N of compressed tables, L]
+    feature_plan: torch.Tensor  # int64 [F, L + 2]: slot rows, codes base, compressed (1 / 0)
+    feature_is_mean: torch.Tensor  # bool [F]
+    num_slots: int  # L
+
+
+def can_fuse(dims: list[int], subspaces: list[int]) -> bool:
+    """Whether the fused lookup applies: one dim for all tables, one L for the compressed ones."""
+    return len(set(dims)) == 1 and len(set(subspaces)) <= 1
+
+
+def build(
+    table_features: list[int],
+    table_compressed: list[tuple[torch.Tensor, torch.Tensor] | None],
+    table_full: list[torch.Tensor | None],
+    table_is_mean: list[bool],
+    num_slots: int,
+) -> FusedTables:
+    """Stack the tables (per table: codes + codebooks [L, K, d], or a full weight [N, D])."""
+    weights, codes = [], []
+    row_base, slot_stride, code_base, compressed, is_mean = [], [], [], [], []
+    rows = code_rows = 0
+    code_dtype = torch.uint8
+    for t, num in enumerate(table_features):
+        pair = table_compressed[t]
+        if pair is not None:
+            table_codes, codebooks = pair
+            num_sub, k, sub_dim = codebooks.shape
+            weights.append(codebooks.float().reshape(num_sub * k, sub_dim))
+            codes.append(table_codes)
+            code_dtype = torch.promote_types(code_dtype, table_codes.dtype)
+            entry = (rows, k, code_rows, True)
+            code_rows += table_codes.shape[0]
+        else:
+            full = table_full[t]
+            assert full is not None
+            weights.append(full.float().reshape(full.shape[0] * num_slots, -1))
+            entry = (rows, 1, 0, False)
+        rows += weights[-1].shape[0]
+        for _ in range(num):
+            row_base.append(entry[0])
+            slot_stride.append(entry[1])
+            code_base.append(entry[2])
+            compressed.append(entry[3])
+            is_mean.append(table_is_mean[t])
+    device = weights[0].device
+    stacked_codes = (
+        torch.cat([c.to(code_dtype) for c in codes])
+        if codes
+        else torch.zeros(1, num_slots, dtype=torch.uint8, device=device)
+    )
+
+    plan = [
+        [base + slot * step for slot in range(num_slots)] + [codes_at, int(is_compressed)]
+        for base, step, codes_at, is_compressed in zip(row_base, slot_stride, code_base, compressed)
+    ]
+    return FusedTables(
+        weight=torch.cat(weights).contiguous(),
+        codes=stacked_codes.contiguous(),
+        feature_plan=torch.tensor(plan, dtype=torch.int64, device=device),
+        feature_is_mean=torch.tensor(is_mean, dtype=torch.bool, device=device),
+        num_slots=num_slots,
+    )
+
+
+@torch.fx.wrap
+def fused_pooled_lookup(
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: torch.Tensor | None,
+    stride: int,
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    feature_plan: torch.Tensor,
+    feature_is_mean: torch.Tensor,
+    num_slots: int,
+    has_mean: bool,
+) -> torch.Tensor:
+    """Pooled embeddings [B, F * D] in EBC layout from checked ids (feature-major, as a KJT).
+
+    ``feature_plan`` is int64 [F, L + 2]: per feature the first lookup row of each slot (table
+    base + l * K, or + l for a full table), the feature's first row in ``codes`` and whether it
+    is compressed (1) or full (0).
+    """
+    num_features = feature_plan.shape[0]
+    num_bags = num_features * stride
+    n = values.shape[0]
+    device = values.device
+    slots = torch.arange(num_slots, device=device)
+    # Lookup row of every (id, slot).
+    per_feature = lengths.view(num_features, stride).sum(1)
+    plan = torch.repeat_interleave(feature_plan, per_feature, dim=0, output_size=n)
+    compressed = plan[:, num_slots + 1]
+    code_rows = values * compressed + plan[:, num_slots]
+    inner = torch.where(
+        compressed.unsqueeze(1) > 0,
+        codes.index_select(0, code_rows).long(),
+        (values * num_slots).unsqueeze(1),
+    )
+    rows = plan[:, :num_slots] + inner  # [n, L]
+    # Bags in (sample, feature, slot) order, so the pooled [B * F * L, d] is the EBC layout.
+    # Bag (f, b) is bag b * F + f there; its L slot bags follow each other, each len(f, b) long.
+    to_sample_major = _transposed_arange(stride, num_features, device)
+    to_feature_major = _transposed_arange(num_features, stride, device)
+    sample_major_lengths = lengths.index_select(0, to_feature_major)
+    offsets = torch.cat([lengths.new_zeros(1),
+                         torch.cumsum(sample_major_lengths.repeat_interleave(num_slots), 0)])
+    bag_offsets = torch.cumsum(lengths, 0) - lengths
+    shift = offsets.index_select(0, to_sample_major * num_slots) - bag_offsets
+    per_id = torch.repeat_interleave(torch.stack([shift, lengths], dim=1), lengths, dim=0,
+                                     output_size=n)
+    positions = (per_id[:, :1] + torch.arange(n, device=device).unsqueeze(1)
+                 + slots * per_id[:, 1:]).reshape(-1)
+    indices = torch.zeros_like(positions).scatter(0, positions, rows.reshape(-1))
+    per_sample: torch.Tensor | None = None
+    if weights is not None:
+        per_sample = torch.zeros(positions.shape[0], dtype=torch.float32, device=device).scatter(
+            0, positions, weights.float().repeat_interleave(num_slots)
+        )
+    pooled = F.embedding_bag(indices, weight, offsets, mode="sum",
+                             per_sample_weights=per_sample, include_last_offset=True)
+    dim = weight.shape[1]
+    if has_mean:
+        mean = feature_is_mean.repeat(stride)
+        counts = sample_major_lengths.clamp(min=1).to(pooled.dtype)
+        scale = torch.where(mean, counts.reciprocal(), torch.ones_like(counts))
+        pooled.view(num_bags, num_slots * dim).mul_(scale.unsqueeze(1))
+    return pooled.view(stride, num_features * num_slots * dim)
+
+
+def _transposed_arange(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """Entry (r, c) of arange(rows * cols).view(rows, cols) listed column by column.
+
+    Written into a fresh tensor (not ``.t().reshape(-1)``, whose copy-or-view choice depends
+    on a size being 1 and would pin an exported program's batch size).
+    """
+    out = torch.empty(cols, rows, dtype=torch.int64, device=device)
+    out.copy_(torch.arange(rows * cols, device=device).view(rows, cols).t())
+    return out.view(-1)
