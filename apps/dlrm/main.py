@@ -142,9 +142,7 @@ def pretrain(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
     torch.manual_seed(t.seed)
     tables = table_configs(ds.feature_names, ds.num_embeddings, spec.model.embedding_dim)
     model = build_dlrm(full_ebc(tables), spec.model, len(ds.dense_names))
-    register_embedding_optimizer(
-        model.model.sparse_arch.parameters(), t, t.embedding_lr, t.embedding_weight_decay
-    )
+    register_embedding_optimizer(model.model.sparse_arch.parameters(), t, t.embedding_lr)
     dmp, plan = plan_and_shard(model, env, torchrec_sharders(), None, t.batch_size)
     log = log_for(env)
     for line in describe_plan(plan):
@@ -283,9 +281,9 @@ def retrain_variant(
     bags = mec.codebooks.embedding_bags
     codebook_params = [bags[n].weight for n in bags if "@" in n]
     full_params = [bags[n].weight for n in bags if "@" not in n]
-    register_embedding_optimizer(codebook_params, t, t.codebook_lr, t.codebook_weight_decay)
+    register_embedding_optimizer(codebook_params, t, t.codebook_lr)
     if full_params:
-        register_embedding_optimizer(full_params, t, t.embedding_lr, t.embedding_weight_decay)
+        register_embedding_optimizer(full_params, t, t.embedding_lr)
     topology = Topology(
         world_size=env.world_size,
         compute_device=env.device.type,

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -83,7 +82,7 @@ def full_ebc(tables: list[EmbeddingBagConfig]) -> EmbeddingBagCollection:
 
 
 def register_embedding_optimizer(
-    params: Iterable[nn.Parameter], spec: TrainingSpec, lr: float, weight_decay: float
+    params: Iterable[nn.Parameter], spec: TrainingSpec, lr: float
 ) -> None:
     """Attach a fused FBGEMM optimizer to embedding parameters (read by the sharders)."""
     cls = {
@@ -94,19 +93,7 @@ def register_embedding_optimizer(
     kwargs: dict = {"lr": lr}
     if spec.embedding_optimizer == "rowwise_adagrad":
         kwargs["eps"] = 1e-8
-    if weight_decay:
-        from fbgemm_gpu.split_embedding_configs import WeightDecayMode
-
-        kwargs.update(weight_decay=weight_decay, weight_decay_mode=WeightDecayMode.L2)
     apply_optimizer_in_backward(cls, list(params), kwargs)
-
-
-def embedding_opt_type(spec: TrainingSpec) -> EmbOptimType:
-    return {
-        "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-        "adagrad": EmbOptimType.EXACT_ADAGRAD,
-        "sgd": EmbOptimType.EXACT_SGD,
-    }[spec.embedding_optimizer]
 
 
 def plan_and_shard(

@@ -68,7 +68,6 @@ class TrainingSpec:
     # Embedding tables train with FBGEMM's fused optimizers (the SGD/Adagrad family on CPU).
     embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
     embedding_lr: float = 0.05
-    embedding_weight_decay: float = 0.0
     seed: int = 0
 
 
@@ -82,7 +81,6 @@ class RetrainSpec(TrainingSpec):
 
     variants: list[Literal["warm", "cold"]] = field(default_factory=lambda: ["warm"])
     codebook_lr: float = 0.01
-    codebook_weight_decay: float = 0.0
     # Learning rate of the dense layers in the cold variant (warm uses dense_lr).
     cold_dense_lr: float | None = None
 
