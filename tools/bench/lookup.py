@@ -8,13 +8,18 @@ Variants, each timed for forward and for forward + backward + optimizer step:
   tbe        FBGEMM SplitTableBatchedEmbeddingBagsCodegen, CPU/DEVICE, EXACT_ROWWISE_ADAGRAD fused
              into the backward: what the TorchRec planner uses for these tables
   mec-L*     MECEmbeddingBagCollection (codebooks and small tables in one dense TBE call,
-             torch Adagrad)
+             torch Adagrad, fused=True)
   mec-L*-fused  the same remap, codebooks in a fused EXACT_ROWWISE_ADAGRAD TBE instead
 
 A table is compressed when its codes + codebooks take fewer bytes than the full table.
 Resident bytes = weights + codes + optimizer state. Ratios are against ``tbe`` from this run.
 
     python tools/bench/lookup.py --scale 0.1 --dim 64 128 --batch 4096 [--quick] [--device cuda]
+
+On CPU, run it with ``MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000`` (or
+jemalloc/tcmalloc): otherwise glibc hands every pooled output over 32 MiB back to the OS and
+page-faults it in again on the next call: a 16-feature D = 128 lookup then takes 16 ms instead
+of 1.8 ms, for the TBE and MEC alike, which says nothing about the kernels.
 """
 
 from __future__ import annotations
@@ -189,7 +194,7 @@ def bench_mec(record: Recorder, tables: list[EmbeddingBagConfig],
               batches: list[KeyedJaggedTensor], subspaces: int, codebook_size: int) -> None:
     mec = MECEmbeddingBagCollection(tables, compression_for(tables, subspaces, codebook_size),
                                     device=record.device)
-    adagrad = torch.optim.Adagrad(mec.parameters(), lr=0.01)
+    adagrad = torch.optim.Adagrad(mec.parameters(), lr=0.01, fused=True)
 
     def step(i: int) -> None:
         adagrad.zero_grad()
