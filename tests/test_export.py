@@ -135,6 +135,30 @@ def test_serving_module_holds_buffers_only_and_maps_the_codes(tmp_path: Path) ->
     assert any(int(lo, 16) <= pointer < int(hi, 16) for lo, hi in mapped)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_one_id_per_bag_requests_equal_the_training_module(tmp_path: Path,
+                                                          weighted: bool) -> None:
+    mec = make_mec(weighted=weighted)
+    export_model(mec, tmp_path / "art")
+    fused = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+    per_table = MECInferenceEmbeddingBagCollection.load(tmp_path / "art", fused=False)
+    assert fused.fused
+    configs = mec.embedding_bag_configs()
+    g = torch.Generator().manual_seed(10)
+    keys = [f for t in configs for f in t.feature_names]
+    sizes = [t.num_embeddings for t in configs for _ in t.feature_names]
+    for batch in (1, 5):
+        kjt = KeyedJaggedTensor(
+            keys=keys,
+            values=torch.cat([torch.randint(0, n, (batch,), generator=g) for n in sizes]),
+            lengths=torch.ones(len(keys) * batch, dtype=torch.int64),
+            weights=torch.rand(len(keys) * batch, generator=g) if weighted else None,
+        )
+        ref = mec(kjt).values().detach()
+        torch.testing.assert_close(fused(kjt).values(), ref, atol=1e-6, rtol=0)
+        torch.testing.assert_close(per_table(kjt).values(), ref, atol=1e-6, rtol=0)
+
+
 def test_tables_of_different_subspaces_are_served_per_table(tmp_path: Path) -> None:
     torch.manual_seed(0)
     mec = MECEmbeddingBagCollection(tables(), {"t_a": MECTableConfig(4, 16),

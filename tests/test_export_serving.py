@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_export import make_dlrm, make_kjt, make_mec, tables
+from torchrec import KeyedJaggedTensor
 from torchrec.inference.modules import quantize_inference_model
 from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
@@ -38,8 +39,11 @@ def serving(tmp_path: Path, request: pytest.FixtureRequest) -> MECInferenceEmbed
 
 def test_scripted_module_equals_eager(serving: MECInferenceEmbeddingBagCollection) -> None:
     scripted = script_model(serving)
-    for batch, seed in ((1, 1), (7, 2)):
-        kjt = make_kjt(tables(), batch=batch, seed=seed, keys=["d", "a", "e", "c", "b"])
+    one_hot = KeyedJaggedTensor(keys=["a", "b", "c", "d", "e"],
+                                values=torch.tensor([9, 1, 2, 3, 4]),
+                                lengths=torch.ones(5, dtype=torch.int64))
+    jagged = [make_kjt(tables(), batch=b, seed=b, keys=["d", "a", "e", "c", "b"]) for b in (1, 7)]
+    for kjt in (one_hot, *jagged):
         out = scripted(kjt)
         assert out.keys() == ["a", "b", "c", "d", "e"]
         torch.testing.assert_close(out.values(), serving(kjt).values(), atol=0, rtol=0)

@@ -108,6 +108,14 @@ def fused_pooled_lookup(
     num_bags = num_features * stride
     n = values.shape[0]
     device = values.device
+    if not torch.jit.is_scripting():
+        exporting = torch.compiler.is_exporting()
+    else:
+        exporting = False
+    # One id per bag (Criteo-style requests): no pooling, one gather straight into EBC layout.
+    # Exported programs cannot branch on values, so they always take the general path.
+    if not exporting and n == num_bags and bool((lengths == 1).all()):
+        return _one_hot_lookup(values, weights, stride, weight, codes, feature_plan, num_slots)
     slots = torch.arange(num_slots, device=device)
     # Lookup row of every (id, slot).
     per_feature = lengths.view(num_features, stride).sum(1)
@@ -148,6 +156,37 @@ def fused_pooled_lookup(
         scale = torch.where(mean, counts.reciprocal(), torch.ones_like(counts))
         pooled.view(num_bags, num_slots * dim).mul_(scale.unsqueeze(1))
     return pooled.view(stride, num_features * num_slots * dim)
+
+
+def _one_hot_lookup(
+    values: torch.Tensor,
+    weights: torch.Tensor | None,
+    stride: int,
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    feature_plan: torch.Tensor,
+    num_slots: int,
+) -> torch.Tensor:
+    """``fused_pooled_lookup`` when every bag holds one id (MEAN = SUM then)."""
+    num_features = feature_plan.shape[0]
+    ids = torch.empty(stride, num_features, dtype=values.dtype, device=values.device)
+    ids.copy_(values.view(num_features, stride).t())  # (sample, feature) order
+    compressed = feature_plan[:, num_slots + 1]
+    code_rows = ids * compressed + feature_plan[:, num_slots]
+    gathered = codes.index_select(0, code_rows.view(-1)).view(stride, num_features, num_slots)
+    inner = torch.where(
+        compressed.view(1, num_features, 1) > 0,
+        gathered.long(),
+        (ids * num_slots).unsqueeze(2),
+    )
+    rows = feature_plan[:, :num_slots].unsqueeze(0) + inner
+    dim = weight.shape[1]
+    out = weight.index_select(0, rows.view(-1)).view(stride, num_features, num_slots * dim)
+    if weights is not None:
+        per_id = torch.empty(stride, num_features, dtype=torch.float32, device=values.device)
+        per_id.copy_(weights.float().view(num_features, stride).t())
+        out = out * per_id.unsqueeze(2)
+    return out.view(stride, num_features * num_slots * dim)
 
 
 def _transposed_arange(rows: int, cols: int, device: torch.device) -> torch.Tensor:
