@@ -76,8 +76,9 @@ class TinyModel(nn.Module):
         self.head = nn.Linear(width, 1, device=device)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.sparse(batch.sparse_features)
-        logits = self.head(pooled.values()).squeeze(-1)
+        # By name, as TorchRec's DLRM does: sharded outputs come in sharding order.
+        pooled = self.sparse(batch.sparse_features).to_dict()
+        logits = self.head(torch.cat([pooled[f] for f in FEATURES], dim=1)).squeeze(-1)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         return loss, logits.detach()
 

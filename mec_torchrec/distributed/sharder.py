@@ -6,7 +6,12 @@ the plain-EBC layout. Sharding keeps that shape:
 
     features --remap (local, codes replicated on every rank)--> code-id KJT
              --input dist / lookup / output dist (stock ShardedEmbeddingBagCollection)-->
-             pooled sub-embeddings --regroup--> KeyedTensor (same layout as a plain EBC)
+             pooled sub-embeddings --merge sub-features--> KeyedTensor of the MEC features
+
+As with TorchRec's own sharded EBC, the output's keys come in sharding order (each key's tensor is
+exactly the unsharded module's): read it with `to_dict()` or `KeyedTensor.regroup`, as TorchRec's
+DLRM does, never by position. That keeps the output free of copies when sub-features sit side by
+side (see `regroup.py`).
 
 Every learnable row lives in the inner `codebooks` EBC, so the stock EBC sharder does all the
 distribution work and the planner plans the inner tables (`t@0 .. t@{L-1}`, full tables as-is).
@@ -39,7 +44,7 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from mec_torchrec.distributed.regroup import regrouped
+from mec_torchrec.distributed.regroup import ShardedRegroup, regrouped
 from mec_torchrec.modules import MECEmbeddingBagCollection
 
 if TYPE_CHECKING:
@@ -91,6 +96,8 @@ class ShardedMECEmbeddingBagCollection(
     Children mirror the unsharded module so state dicts line up key for key:
     `codes` (the module's own buffer container, moved to `device`, one full copy per rank) and
     `codebooks` (a `ShardedEmbeddingBagCollection` built by the stock sharder from the plan).
+    Output: a `KeyedTensor` with the unsharded module's keys and per-key tensors, keys in sharding
+    order (like TorchRec's sharded EBC).
 
     Args:
         module: the unsharded MEC module (its `codes` container is reused, not copied).
@@ -141,7 +148,7 @@ class ShardedMECEmbeddingBagCollection(
         # with self.codes above); the module is kept outside the nn.Module tree so its unsharded
         # codebooks are neither registered here nor saved twice.
         self._remap: Callable[[KeyedJaggedTensor], KeyedJaggedTensor] = module.remap
-        self._regroup: Callable[[dict[str, torch.Tensor]], KeyedTensor] = module.regroup
+        self._regroup = ShardedRegroup(module.regroup)
 
     def create_context(self) -> EmbeddingBagCollectionContext:
         return self.codebooks.create_context()
