@@ -72,7 +72,7 @@ class MECQuantizer:
         use_pwr: popularity-weighted sampling + usage regulariser (see above).
         use_contrastive: add the contrastive term.
         seed: seeds every random draw (CPU ``torch.Generator``); equal seeds give identical codes
-            on the CPU.
+            on the CPU (on CUDA, atomics in the backward pass can differ in the last bits).
         device: where training and encoding run; ``weight`` may stay on the CPU.
         progress: tqdm bars for epochs and encoding; never changes the result.
         hidden_dim: encoder hidden width (default D).
