@@ -6,7 +6,8 @@ Then every feature has L *slots* of width d = D / L: slot l of a compressed row 
 full tables are stacked into one weight [R, d] (full table rows split into L chunks), all codes
 into one [sum N, L] tensor, and a request becomes one gather of codes, one scatter of lookup rows
 and one pooled lookup whose bags are ordered (sample, feature, slot): the pooled [B * F * L, d]
-*is* the EBC layout [B, F * D] without a transpose.
+*is* the EBC layout [B, F * D] without a transpose. Requests with one id per bag skip the
+scatter and the pooling (one gather of codes, one gather of rows).
 """
 
 from dataclasses import dataclass
