@@ -17,7 +17,14 @@ _EXPORTS = {
     "MECTableConfig": "mec_torchrec.modules",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "CompressedTable",
+    "MECEmbeddingBagCollection",
+    "MECQuantizer",
+    "MECTableConfig",
+    "PQQuantizer",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:
