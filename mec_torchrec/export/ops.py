@@ -1,11 +1,12 @@
-"""The serving forward as plain ATen ops: an id check (a custom op) and a per-table pooled lookup.
+"""The serving forward's building blocks: id check, key order, per-table pooled lookup.
 
-Both are ``torch.fx.wrap``-ed so torchrec's fx tracing keeps them as single calls, written in the
-TorchScript subset so the traced graph scripts, and free of data-dependent Python branches so
-``torch.export`` can trace them. The id check is a custom op (``torch.ops.mec_torchrec.checked_ids``)
-because its error names the feature, id and table size: an exported program cannot raise a
-message built from tensor values, but it can call an op that does. Importing this module registers
-the op, so a saved TorchScript or exported model needs ``import mec_torchrec.export`` to run.
+All are ``torch.fx.wrap``-ed so torchrec's fx tracing keeps them as single calls, written in the
+TorchScript subset so the traced graph scripts, and free of data-dependent Python branches under
+``torch.export``. Out-of-range ids are reported by a custom op
+(``torch.ops.mec_torchrec.checked_ids``) whose error names the feature, id and table size: an
+exported program cannot raise a message built from tensor values, but it can call an op that
+does. Importing this module registers the op, so a saved TorchScript or exported model needs
+``import mec_torchrec.export`` to run.
 """
 
 import json
