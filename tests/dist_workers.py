@@ -10,7 +10,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from dist_harness import CheckRecorder
 from dist_models import (
+    COMPRESSION,
     LR,
+    TABLES,
+    TinyModel,
     batch,
     compressed_tables,
     meta_model,
@@ -28,6 +31,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from mec_torchrec.distributed import load_mec_state
+from mec_torchrec.modules import MECEmbeddingBagCollection
 
 SEED = 7
 CPU = torch.device("cpu")
@@ -131,6 +135,7 @@ def sharding_body(recorder: CheckRecorder, kinds: list[str]) -> None:
         if kind in ("table_wise", "planner"):
             recorder.run(f"pipeline[{kind}]", check_pipeline, kind)
     recorder.run("zero_codes_before_loading", check_zero_codes, "row_wise")
+    recorder.run("codes_broadcast_from_rank_0", check_codes_broadcast, "table_wise")
     recorder.run("load_compressed_tables", check_load_tables, "row_wise")
 
 
@@ -138,6 +143,24 @@ def check_zero_codes(kind: str) -> None:
     state = wrap(kind).state_dict()
     codes = [v for k, v in state.items() if k.startswith("sparse.codes.")]
     assert codes and all(int(c.count_nonzero()) == 0 for c in codes)
+
+
+def check_codes_broadcast(kind: str) -> None:
+    """A module built on each rank (not meta) draws its own codes; sharding keeps rank 0's."""
+    torch.manual_seed(dist.get_rank())
+    model = TinyModel(MECEmbeddingBagCollection(TABLES, COMPRESSION))
+    mine = {n: b.clone() for n, b in model.sparse.codes.named_buffers()}
+    rank0 = {n: b.clone() for n, b in mine.items()}
+    for codes in rank0.values():
+        dist.broadcast(codes, src=0)
+    assert dist.get_rank() == 0 or any(not torch.equal(mine[n], rank0[n]) for n in mine)
+    dmp = DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=CPU,
+        plan=plan(kind, dist.get_world_size(), dist.group.WORLD), sharders=sharders(),
+    )
+    state = dmp.state_dict()
+    for name, codes in rank0.items():
+        assert torch.equal(state[f"sparse.codes.{name}"], codes), name
 
 
 def check_load_tables(kind: str) -> None:

@@ -44,3 +44,9 @@ def test_load_mec_state_fills_codes_and_codebook_shards_from_compressed_tables(
     results: list[dict[str, str]],
 ) -> None:
     assert_check(results, "load_compressed_tables")
+
+
+def test_codes_of_a_module_built_on_each_rank_are_rank_0s_after_sharding(
+    results: list[dict[str, str]],
+) -> None:
+    assert_check(results, "codes_broadcast_from_rank_0")
