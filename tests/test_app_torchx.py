@@ -111,3 +111,13 @@ def test_single_process_run_resumes_a_finished_stage_from_its_checkpoint(
     again = json.loads((out / "pretrain" / "result.json").read_text())
     assert again["history"] == first["history"]
     assert again["test"]["auc"] == pytest.approx(first["test"]["auc"], abs=1e-6)
+
+
+def test_a_stage_run_alone_without_its_inputs_is_a_clear_error(
+    tiny_spec: Path, tmp_path: Path
+) -> None:
+    cmd = [sys.executable, "-m", "apps.dlrm.main", "--spec", str(tiny_spec),
+           "--out", str(tmp_path / "run"), "--stage", "train"]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--stage train needs" in proc.stderr and "pretrain/best" in proc.stderr

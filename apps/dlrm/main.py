@@ -26,8 +26,8 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from apps.dlrm.model import (
     table_configs,
 )
 from apps.dlrm.spec import JobSpec, SpecError, load_job_spec, spec_to_dict
-from mec_torchrec.data import ProcessedDataset, load_dataset_spec, prepare_dataset
+from mec_torchrec.data import DataError, ProcessedDataset, load_dataset_spec, prepare_dataset
 from mec_torchrec.io import atomic_write_text
 
 STAGES = ("pretrain", "compress", "train")
@@ -72,25 +72,20 @@ def init_distributed() -> Env:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        init_method = None
+        store = None
     else:
         rank, world, local_rank, local_world = 0, 1, 0, 1
-        store = Path(tempfile.mkdtemp(prefix="mec-dlrm-")) / "store"
-        init_method = f"file://{store}"
+        store = dist.HashStore()  # one process: an in-memory store, no port to pick
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group(
-        backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(minutes=30),
+        backend, store=store, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30)
     )
     return Env(rank, world, local_world, device, backend)
 
 
-def log_for(env: Env):
+def log_for(env: Env) -> Callable[[str], None]:
     def log(msg: str) -> None:
         if env.is_main:
             print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
@@ -99,11 +94,20 @@ def log_for(env: Env):
 
 
 def load_data(spec: JobSpec, out: Path, env: Env) -> ProcessedDataset:
-    """Prepare the dataset once (rank 0) and open it on every rank."""
+    """Prepare the dataset once (rank 0) and open it on every rank.
+
+    A data error on rank 0 is sent to every rank, so all of them stop with it (none waits).
+    """
     data_dir = Path(spec.data_dir) if spec.data_dir else out / "data"
+    box: list[str | None] = [None]
     if env.is_main:
-        prepare_dataset(load_dataset_spec(spec.data), data_dir)
-    dist.barrier()
+        try:
+            prepare_dataset(load_dataset_spec(spec.data), data_dir)
+        except (DataError, FileNotFoundError) as e:
+            box = [str(e)]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise DataError(box[0])
     return ProcessedDataset(data_dir)
 
 
@@ -330,6 +334,15 @@ def retrain_variant(
     )
 
 
+def _missing_inputs(out: Path, stage: str) -> str | None:
+    """What a stage run alone needs from the stages before it, if absent."""
+    if stage in ("compress", "train") and not checkpoint.exists(out / "pretrain" / "best"):
+        return str(out / "pretrain" / "best")
+    if stage == "train" and not (out / "compress" / "result.json").exists():
+        return str(out / "compress" / "result.json")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -344,8 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     if env.is_main:
         atomic_write_text(out / "spec.json", json.dumps(spec_to_dict(spec), indent=1))
     log(f"world size {env.world_size}, device {env.device}, backend {env.backend}")
-    ds = load_data(spec, out, env)
     stages = STAGES if args.stage == "all" else (args.stage,)
+    try:
+        ds = load_data(spec, out, env)
+        missing = _missing_inputs(out, stages[0])
+        if missing:
+            raise DataError(f"--stage {stages[0]} needs {missing}: run the earlier stages first")
+    except DataError as e:
+        log(f"error: {e}")
+        dist.destroy_process_group()
+        return 2
     for stage in stages:
         result_path = out / stage / "result.json"
         if args.resume and result_path.exists():
