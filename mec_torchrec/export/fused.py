@@ -58,7 +58,7 @@ def build(
             full = table_full[t]
             assert full is not None
             weights.append(full.float().reshape(full.shape[0] * num_slots, -1))
-            entry = (rows, 1, 0, False)
+            entry = (rows, 1, -1, False)  # codes base: the zero row appended below
         rows += weights[-1].shape[0]
         for _ in range(num):
             row_base.append(entry[0])
@@ -67,11 +67,10 @@ def build(
             compressed.append(entry[3])
             is_mean.append(table_is_mean[t])
     device = weights[0].device
-    stacked_codes = (
-        torch.cat([c.to(code_dtype) for c in codes])
-        if codes
-        else torch.zeros(1, num_slots, dtype=torch.uint8, device=device)
-    )
+    # A zero row last: full-table ids read it, so their code part is 0 without a branch.
+    zero_row = torch.zeros(1, num_slots, dtype=code_dtype, device=device)
+    stacked_codes = torch.cat([*(c.to(code_dtype) for c in codes), zero_row])
+    code_base = [code_rows if base < 0 else base for base in code_base]
 
     plan = [
         [base + slot * step for slot in range(num_slots)] + [codes_at, int(is_compressed)]
@@ -123,12 +122,10 @@ def fused_pooled_lookup(
     plan = torch.repeat_interleave(feature_plan, per_feature, dim=0, output_size=n)
     compressed = plan[:, num_slots + 1]
     code_rows = values * compressed + plan[:, num_slots]
-    inner = torch.where(
-        compressed.unsqueeze(1) > 0,
-        codes.index_select(0, code_rows).long(),
-        (values * num_slots).unsqueeze(1),
-    )
-    rows = plan[:, :num_slots] + inner  # [n, L]
+    # Compressed: base + l * K + codes[id, l]; full: base + l + id * L (codes read the zero row).
+    rows = codes.index_select(0, code_rows).long()
+    rows += plan[:, :num_slots]
+    rows += (values * ((1 - compressed) * num_slots)).unsqueeze(1)  # [n, L]
     # Bags in (sample, feature, slot) order, so the pooled [B * F * L, d] is the EBC layout.
     # Bag (f, b) is bag b * F + f there; its L slot bags follow each other, each len(f, b) long.
     to_sample_major = _transposed_arange(stride, num_features, device)
@@ -174,13 +171,9 @@ def _one_hot_lookup(
     ids.copy_(values.view(num_features, stride).t())  # (sample, feature) order
     compressed = feature_plan[:, num_slots + 1]
     code_rows = ids * compressed + feature_plan[:, num_slots]
-    gathered = codes.index_select(0, code_rows.view(-1)).view(stride, num_features, num_slots)
-    inner = torch.where(
-        compressed.view(1, num_features, 1) > 0,
-        gathered.long(),
-        (ids * num_slots).unsqueeze(2),
-    )
-    rows = feature_plan[:, :num_slots].unsqueeze(0) + inner
+    rows = codes.index_select(0, code_rows.view(-1)).long().view(stride, num_features, num_slots)
+    rows += feature_plan[:, :num_slots]
+    rows += (ids * ((1 - compressed) * num_slots)).unsqueeze(2)
     dim = weight.shape[1]
     out = weight.index_select(0, rows.view(-1)).view(stride, num_features, num_slots * dim)
     if weights is not None:
