@@ -8,8 +8,10 @@ K-entry codebooks, the rest full; uniform random codes loaded after DMP) by `mak
 same model (embeddings -> linear head -> BCE) on the same random one-hot batches with FBGEMM's
 fused row-wise Adagrad for sharded tables and torch Adagrad for everything else.
 
-Run (2 gloo ranks on CPU):
+Run (2 gloo ranks on CPU; the allocator settings stop glibc from returning every freed
+activation over 32 MiB to the OS and page-faulting it back in each step, see docs/benchmarks.md):
 
+    export MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000
     .venv/bin/torchrun --nproc_per_node 2 tools/bench/sharded.py --scale 0.25
 
 Both models are built first, then timed in alternating rounds of --steps steps; each keeps its
