@@ -57,6 +57,10 @@ def test_exported_program_serves_other_batch_sizes(
         kjt = make_kjt(tables(), batch=batch, seed=seed)
         torch.testing.assert_close(program.module()(kjt).values(), serving(kjt).values(),
                                    atol=0, rtol=0)
+    bad = KeyedJaggedTensor(keys=["a", "b", "c", "d", "e"], values=torch.tensor([1, 7, 2, 3, 4]),
+                            lengths=torch.ones(5, dtype=torch.int64))
+    with pytest.raises(Exception, match=r"table 't_b': id 7 out of range \[0, 7\) in feature 'b'"):
+        program.module()(bad)
 
 
 FRESH_PROCESS = textwrap.dedent(
