@@ -15,15 +15,19 @@ _EXPORTS = {
     "PQQuantizer": "mec_torchrec.quantize",
     "MECEmbeddingBagCollection": "mec_torchrec.modules",
     "MECTableConfig": "mec_torchrec.modules",
+    "MECInferenceEmbeddingBagCollection": "mec_torchrec.export",
+    "export_model": "mec_torchrec.export",
 }
 
 __all__ = [
     "CompressedTable",
     "MECEmbeddingBagCollection",
+    "MECInferenceEmbeddingBagCollection",
     "MECQuantizer",
     "MECTableConfig",
     "PQQuantizer",
     "__version__",
+    "export_model",
 ]
 
 

@@ -97,7 +97,7 @@ def from_mec_module(
         compressed,
         full,
         is_weighted=module.is_weighted(),
-        unknown_id_policy=getattr(module, "_unknown_id_policy", "error"),
+        unknown_id_policy=module.unknown_id_policy,
     )
 
 

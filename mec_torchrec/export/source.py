@@ -61,7 +61,7 @@ def from_module(module: MECEmbeddingBagCollection) -> ExportTables:
         compressed={name: table.to("cpu") for name, table in compressed.items()},
         full=full,
         is_weighted=module.is_weighted(),
-        unknown_id_policy=getattr(module, "_unknown_id_policy", "error"),
+        unknown_id_policy=module.unknown_id_policy,
     )
 
 

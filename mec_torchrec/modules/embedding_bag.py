@@ -134,6 +134,11 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self._device
 
     @property
+    def unknown_id_policy(self) -> str:
+        """What an id outside [0, N) gets: ``"error"`` or ``"reserved"`` (row N - 1)."""
+        return self._unknown_id_policy
+
+    @property
     def compression(self) -> dict[str, MECTableConfig]:
         """Table name -> MEC settings of the compressed tables."""
         return dict(self._compression)
