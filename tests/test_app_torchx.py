@@ -121,3 +121,26 @@ def test_a_stage_run_alone_without_its_inputs_is_a_clear_error(
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env(), capture_output=True, text=True)
     assert proc.returncode == 2
     assert "--stage train needs" in proc.stderr and "pretrain/best" in proc.stderr
+
+
+def test_compress_resume_quantizes_only_the_tables_not_done(
+    tiny_spec: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "apps.dlrm.main", "--spec", str(tiny_spec), "--out", str(out)]
+    for stage in ("pretrain", "compress"):
+        subprocess.run([*base, "--stage", stage], cwd=ROOT, env=env(), check=True,
+                       capture_output=True, timeout=300)  # fmt: skip
+    done = sorted((out / "compress").glob("t_*.safetensors"))
+    assert len(done) >= 2
+    kept, redo = done[0], done[1]
+    kept_mtime = kept.stat().st_mtime_ns
+    redo.unlink()
+    redo.with_suffix(".json").unlink()
+    (out / "compress" / "result.json").unlink()
+    subprocess.run([*base, "--stage", "compress", "--resume"], cwd=ROOT, env=env(), check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    assert kept.stat().st_mtime_ns == kept_mtime
+    assert redo.exists()
+    result = json.loads((out / "compress" / "result.json").read_text())
+    assert set(result["tables"]) == {p.stem for p in done}
