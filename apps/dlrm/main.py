@@ -278,9 +278,9 @@ def retrain_variant(
     }
     # Same seed as stage 1: the cold variant's dense layers start like the pretrained ones did.
     torch.manual_seed(t.seed)
-    # Built on the real device, not meta: the module's id bounds (non-persistent buffers) must be
-    # real for the remap; codes and codebooks are small, that is the point of MEC.
-    mec = MECEmbeddingBagCollection(tables, compression, device=env.device)
+    # On the meta device like stage 1: DMP allocates each rank's shards; codes, codebooks and
+    # stage-1 weights are loaded into them below.
+    mec = MECEmbeddingBagCollection(tables, compression, device=torch.device("meta"))
     model = build_dlrm(mec, spec.model, len(ds.dense_names))
     bags = mec.codebooks.embedding_bags
     codebook_params = [bags[n].weight for n in bags if "@" in n]
@@ -298,24 +298,16 @@ def retrain_variant(
     for line in describe_plan(plan):
         log(f"[train_{variant}] plan {line}")
 
-    # Stage-1 weights: small tables always, dense layers when warm; then codes and codebooks.
-    state = dmp.state_dict()
+    # Stage-1 weights, read in place into this model's shards under their stage-1 names: small
+    # tables always, dense layers when warm. Then codes and codebooks from stage 2.
     wanted = {}
-    for key, value in state.items():
+    for key, value in dmp.state_dict().items():
         if ".codes." in key or "@" in key:
             continue
         is_table = ".codebooks.embedding_bags." in key
         if is_table or variant == "warm":
             wanted[key.replace(".codebooks.embedding_bags.", ".embedding_bags.")] = value
     checkpoint.load(out / "pretrain" / "best", {"model": wanted})
-    dmp.load_state_dict(
-        {
-            k: v
-            for k, v in state.items()
-            if k.replace(".codebooks.embedding_bags.", ".embedding_bags.") in wanted
-        },
-        strict=False,
-    )
     load_mec_state(dmp, compressed)
 
     dense_lr = t.dense_lr if variant == "warm" or t.cold_dense_lr is None else t.cold_dense_lr
