@@ -19,8 +19,8 @@ stored, ratio vs fp32 and the embedding lookup's CPU time:
 - full MEC at L in {2, 4, 8} x K in {256, 1024} for the AUC-vs-bytes curve;
 - a control: the fp32 model through the same retraining stage (MEC's stage 3 is extra training).
 
-fp32, the PTQ rows, the control, full MEC (L4 K256), hashing and QR run once per ``--seeds``
-entry; plain PQ, the two ablations and the rest of the curve with the first seed only.
+Every row at MEC's main budget (L4 K256) runs once per ``--seeds`` entry, so differences are
+paired by seed; the rest of the curve runs with the first seed only.
 
 Writes ``DIR/peers.md`` (table), ``DIR/peers.png`` (test AUC vs bytes, log x) and
 ``DIR/results.json`` (every figure; a rerun with the same DIR reuses finished rows and the saved
@@ -356,7 +356,7 @@ def pretrained(ds: ProcessedDataset, spec: JobSpec, s: Setup, seed: int, out: Pa
 
 def run_seed(ds: ProcessedDataset, spec: JobSpec, s: Setup, seed: int, first: bool, out: Path,
              results: Results) -> None:
-    """Every row of one seed (the ablations, PQ and the curve only with the first seed)."""
+    """Every row of one seed (the curve beyond L4 K256 only with the first seed)."""
     fp32 = pretrained(ds, spec, s, seed, out, results)
     ebc = embeddings(fp32)
     for dtype in ("fp16", "int8", "int4", "int2"):
@@ -364,9 +364,8 @@ def run_seed(ds: ProcessedDataset, spec: JobSpec, s: Setup, seed: int, first: bo
 
     results.get(f"fp32-retrained/s{seed}", partial(measure_fp32_retrained, fp32, ds, spec, s, seed))
 
-    methods = [("mec", *MAIN)]
+    methods = [("mec", *MAIN), ("pq", *MAIN), ("mec-no-pwr", *MAIN), ("mec-no-contrastive", *MAIN)]
     if first:
-        methods += [("pq", *MAIN), ("mec-no-pwr", *MAIN), ("mec-no-contrastive", *MAIN)]
         methods += [("mec", L, K) for L, K in s.curve if (L, K) != MAIN]
     for method, L, K in methods:
         name = f"{method}-L{L}-K{K}"
@@ -470,35 +469,62 @@ def markdown(lines: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(lines: list[dict[str, Any]], path: Path) -> None:
+def goals(results: dict[str, dict[str, Any]]) -> str:
+    """Full MEC (retrained) against each rival: AUC difference paired by seed, and bytes."""
+    mec = f"mec-L{MAIN[0]}-K{MAIN[1]}"
+    out = ["| full MEC vs | seeds | Δ AUC (mean) | per seed | bytes: rival / MEC |",
+           "|---|---|---|---|---|"]
+    for rival in ("fp32", "fp32-retrained", "int4", "int2", "hashing", "qr",
+                  f"pq-L{MAIN[0]}-K{MAIN[1]}", f"mec-no-pwr-L{MAIN[0]}-K{MAIN[1]}",
+                  f"mec-no-contrastive-L{MAIN[0]}-K{MAIN[1]}", f"{mec}/no-retrain"):
+        pairs = [(results[k], results[f"{rival}/s{k.rsplit('/s', 1)[1]}"]) for k in results
+                 if k.startswith(f"{mec}/s") and f"{rival}/s{k.rsplit('/s', 1)[1]}" in results]
+        if pairs:
+            d = [m["auc"] - r["auc"] for m, r in pairs]
+            out.append(f"| {rival} | {len(d)} | {statistics.mean(d):+.4f} | "
+                       f"{', '.join(f'{x:+.4f}' for x in d)} | "
+                       f"{pairs[0][1]['bytes'] / pairs[0][0]['bytes']:.2f}x |")
+    return "\n".join(out) + "\n"
+
+
+def plot(results: dict[str, dict[str, Any]], seed: int, path: Path) -> None:
+    """Test AUC vs bytes as stored (log x) of one seed: every point shares one pretrained model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by_key = {k.rsplit("/s", 1)[0]: {**r, "key": k.rsplit("/s", 1)[0]}
+              for k, r in results.items() if k.endswith(f"/s{seed}")}
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    curve = sorted((r for r in lines if r["key"].startswith("mec-L") and "/" not in r["key"]),
-                   key=lambda r: r["bytes"])
-    ax.plot([r["bytes"] for r in curve], [r["auc"] for r in curve], "o-", color="C0",
-            label="MEC retrained (L in {2,4,8}, K in {256,1024})")
-    for r in curve:
-        ax.annotate(r["key"].split("/")[0][4:], (r["bytes"], r["auc"]), fontsize=7,
-                    xytext=(3, -9), textcoords="offset points")
-    markers = {"fp32": "s", "fp16": "s", "int8": "^", "int4": "^", "int2": "^",
-               "hashing": "D", "qr": "D"}
-    for r in lines:
-        key = r["key"]
-        if key in {c["key"] for c in curve}:
-            continue
-        m = markers.get(key, "v" if "no-retrain" in key else "x")
-        err = r["auc_spread"] or 0.0
-        ax.errorbar(r["bytes"], r["auc"], yerr=err, fmt=m, ms=6, capsize=3, label=r["label"])
+
+    def series(keys: list[str], style: str, label: str, names: bool = False) -> None:
+        rows = sorted((by_key[k] for k in keys if k in by_key), key=lambda r: r["bytes"])
+        ax.plot([r["bytes"] for r in rows], [r["auc"] for r in rows], style, label=label)
+        for r in rows if names else ():
+            ax.annotate(r["key"].split("/")[0].replace("mec-", "").replace("-", " "),
+                        (r["bytes"], r["auc"]), fontsize=7, xytext=(4, -10),
+                        textcoords="offset points")
+
+    curve = [k for k in by_key if k.startswith("mec-L") and "/" not in k]
+    series(curve, "o-", "MEC retrained (L, K)", names=True)
+    series([f"{k}/no-retrain" for k in curve], "o--", "MEC no retrain")
+    series(["fp32", "fp16", "int8", "int4", "int2"], "s:", "fp32, then TorchRec PTQ fp16/int8/int4/int2")
+    for key in ("fp32", "int4", "int2"):
+        r = by_key[key]
+        ax.annotate(key, (r["bytes"], r["auc"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    series(["fp32-retrained"], "s", "fp32 + retraining stage (control)")
+    series(["hashing"], "D", "hashing trick (same bytes as MEC L4 K256)")
+    series(["qr"], "D", "quotient-remainder (same bytes)")
+    series([f"pq-L{MAIN[0]}-K{MAIN[1]}"], "x", "plain PQ L4 K256, retrained")
+    series([f"mec-no-pwr-L{MAIN[0]}-K{MAIN[1]}"], "+", "MEC without PWR, retrained")
     ax.set_xscale("log")
     ax.set_xlabel("embedding bytes as stored (log)")
-    ax.set_ylabel("test AUC")
-    ax.set_title("DLRM on the built-in data: AUC vs embedding memory")
+    ax.set_ylabel(f"test AUC (seed {seed})")
+    ax.set_title(f"DLRM on the built-in data, seed {seed}: test AUC vs embedding memory")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -522,9 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, seed in enumerate(args.seeds):
         run_seed(ds, spec, s, seed, i == 0, out, results)
     lines = summarize(results.rows)
-    table = markdown(lines)
+    table = markdown(lines) + "\n" + goals(results.rows)
     (out / "peers.md").write_text(table)
-    plot(lines, out / "peers.png")
+    plot(results.rows, args.seeds[0], out / "peers.png")
     print(table)
     print(f"{time.perf_counter() - start:.0f}s; wrote {out}/peers.md, peers.png, results.json")
     return 0
