@@ -120,6 +120,8 @@ class HashedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def embedding_bytes(self) -> dict[str, TableBytes]:
         """Per table: fp32 bytes of the full table vs fp32 bytes of the rows held."""
         return {
-            t.name: TableBytes(t.num_embeddings * t.embedding_dim * 4, self.weights[t.name].numel() * 4)
+            t.name: TableBytes(
+                t.num_embeddings * t.embedding_dim * 4, self.weights[t.name].numel() * 4
+            )
             for t in self._configs
         }

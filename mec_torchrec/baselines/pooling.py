@@ -37,7 +37,9 @@ def per_feature(
     jagged = features.to_dict()
     missing = [n for n in names if n not in jagged]
     if missing:
-        raise ValueError(f"input KeyedJaggedTensor lacks features {missing} (has {features.keys()})")
+        raise ValueError(
+            f"input KeyedJaggedTensor lacks features {missing} (has {features.keys()})"
+        )
     return [(jagged[n].values(), jagged[n].lengths(), jagged[n].weights_or_none()) for n in names]
 
 

@@ -84,7 +84,8 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 raise ValueError(f"table {t.name!r}: remainder size {m} not in [1, {n}]")
             low = math.sqrt(1.0 / n)
             for store, rows in ((self.quotient, math.ceil(n / m)), (self.remainder, m)):
-                store[t.name] = nn.Parameter(torch.empty(rows, d, device=self._device).uniform_(low, 1.0))
+                weight = torch.empty(rows, d, device=self._device).uniform_(low, 1.0)
+                store[t.name] = nn.Parameter(weight)
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The table configs, as given (full sizes)."""
@@ -104,7 +105,8 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if table not in self._remainders:
             return self.full[table][ids]
         m = self._remainders[table]
-        return self.quotient[table][ids.div(m, rounding_mode="floor")] * self.remainder[table][ids.remainder(m)]
+        quotient = self.quotient[table][ids.div(m, rounding_mode="floor")]
+        return quotient * self.remainder[table][ids.remainder(m)]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings in EBC layout (see the class docstring)."""
@@ -124,6 +126,10 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Per table: fp32 bytes of the full table vs fp32 bytes of Q and R (or the full table)."""
         out = {}
         for t in self._configs:
-            held = [self.full[t.name]] if t.name in self.full else [self.quotient[t.name], self.remainder[t.name]]
-            out[t.name] = TableBytes(t.num_embeddings * t.embedding_dim * 4, sum(p.numel() * 4 for p in held))
+            if t.name in self.full:
+                held = [self.full[t.name]]
+            else:
+                held = [self.quotient[t.name], self.remainder[t.name]]
+            full = t.num_embeddings * t.embedding_dim * 4
+            out[t.name] = TableBytes(full, sum(p.numel() * 4 for p in held))
         return out

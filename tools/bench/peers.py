@@ -83,7 +83,8 @@ class Setup:
     quantizer_epochs: int = 2
     quantizer_sample: int = 20_000
     kmeans_init: int = 8192
-    curve: tuple[tuple[int, int], ...] = ((2, 256), (4, 256), (8, 256), (2, 1024), (4, 1024), (8, 1024))
+    curve: tuple[tuple[int, int], ...] = (
+        (2, 256), (4, 256), (8, 256), (2, 1024), (4, 1024), (8, 1024))
 
 
 QUICK = Setup(train_rows=120_000, retrain_rows=40_000, evals_per_epoch=2, retrain_evals=2,
@@ -393,8 +394,8 @@ def run_seed(ds: ProcessedDataset, spec: JobSpec, s: Setup, seed: int, first: bo
             torch.manual_seed(seed)
             model = new_model(ds, make(), s.dim, seed)
             # As many training rows as MEC saw in all (pretraining + retraining).
-            rows = s.train_rows + s.retrain_rows
-            return measure(model, ds, s, **train_from_scratch(model, ds, spec, s, seed, rows))
+            seen = s.train_rows + s.retrain_rows
+            return measure(model, ds, s, **train_from_scratch(model, ds, spec, s, seed, seen))
 
         results.get(f"{name}/s{seed}", run)
 
@@ -462,7 +463,8 @@ def markdown(lines: list[dict[str, Any]]) -> str:
     out = [("| option | seeds | test AUC | Δ AUC vs fp32 | logloss | embedding bytes | vs fp32 "
            "| lookup ms |"), "|---|---|---|---|---|---|---|---|"]
     for r in lines:
-        auc = f"{r['auc']:.4f}" + (f" ± {r['auc_spread']:.4f}" if r["auc_spread"] is not None else "")
+        spread = r["auc_spread"]
+        auc = f"{r['auc']:.4f}" + (f" ± {spread:.4f}" if spread is not None else "")
         out.append(f"| {r['label']} | {r['seeds']} | {auc} | {r['delta_fp32']:+.4f} | "
                    f"{r['logloss']:.4f} | {r['bytes']:,} | {r['ratio']:.1f}x | "
                    f"{r['lookup_ms']:.2f} |")
@@ -509,7 +511,8 @@ def plot(results: dict[str, dict[str, Any]], seed: int, path: Path) -> None:
     curve = [k for k in by_key if k.startswith("mec-L") and "/" not in k]
     series(curve, "o-", "MEC retrained (L, K)", names=True)
     series([f"{k}/no-retrain" for k in curve], "o--", "MEC no retrain")
-    series(["fp32", "fp16", "int8", "int4", "int2"], "s:", "fp32, then TorchRec PTQ fp16/int8/int4/int2")
+    series(["fp32", "fp16", "int8", "int4", "int2"], "s:",
+           "fp32, then TorchRec PTQ fp16/int8/int4/int2")
     for key in ("fp32", "int4", "int2"):
         r = by_key[key]
         ax.annotate(key, (r["bytes"], r["auc"]), fontsize=7, xytext=(4, 4),
