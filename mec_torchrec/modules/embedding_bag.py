@@ -11,11 +11,14 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from mec_torchrec.modules import fused as _fused
 from mec_torchrec.modules import remap as _remap
 from mec_torchrec.modules.config import MECTableConfig, TableBytes
 from mec_torchrec.modules.layout import build_layout, sub_name
 from mec_torchrec.modules.lookup import DenseTableBatchedLookup
 from mec_torchrec.quantize.table import CompressedTable, code_dtype
+
+KERNELS = ("auto", "fused", "tbe")
 
 
 class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -45,6 +48,9 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``regroup`` are public so a sharder can place the inner EBC's all-to-alls between them:
     ``forward(kjt) == regroup(codebooks(remap(kjt)).to_dict())``.
 
+    On CPU the forward by default skips the remap: a fused kernel (``modules/fused.py``) reads
+    ``codes[id, l]`` inside the pooling loop, with the same outputs and codebook gradients.
+
     Args:
         tables: the embedding tables, as for ``EmbeddingBagCollection`` (FP32, SUM or MEAN pooling,
             each feature in one table).
@@ -55,6 +61,9 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             N - 1 of its table, the OOV row ``mec_torchrec.data`` reserves for rare values (for a
             compressed table: the code tuple ``codes[N - 1]``). Never silently row 0.
         is_weighted: whether the input KJT's weights multiply the rows (as in the EBC).
+        kernel: ``"auto"`` (default): the fused CPU kernel when the module is on CPU and the
+            extension builds (else, warned once, the remap + TBE path); ``"fused"``: that kernel
+            or ``RuntimeError``; ``"tbe"``: always remap + one dense TBE call.
 
     Example::
 
@@ -84,8 +93,11 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device: torch.device | str | None = None,
         unknown_id_policy: str = "error",
         is_weighted: bool = False,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if unknown_id_policy not in _remap.UNKNOWN_ID_POLICIES:
             raise ValueError(
                 f"unknown_id_policy must be one of {_remap.UNKNOWN_ID_POLICIES}, got {unknown_id_policy!r}"
@@ -117,6 +129,8 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             layout.lookup_tables,
             layout.lookup_is_mean,
         )
+        self._kernel = kernel
+        self._fused_plan = _fused.build_plan(layout)
 
     # -- EmbeddingBagCollectionInterface -------------------------------------------------------
 
@@ -143,11 +157,46 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Table name -> MEC settings of the compressed tables."""
         return dict(self._compression)
 
+    @property
+    def kernel(self) -> str:
+        """The requested forward kernel: ``"auto"``, ``"fused"`` or ``"tbe"``."""
+        return self._kernel
+
+    def uses_fused_kernel(self) -> bool:
+        """Whether ``forward`` runs the fused CPU kernel (builds it on first call).
+
+        Decided per call from where the codes and weights are now (a module built on meta or
+        moved after construction included); the build is tried once.
+        """
+        if self._kernel == "tbe":
+            return False
+        tensors = [*self.codebooks.parameters(), *self.codes.buffers()]
+        on_cpu = all(t.device.type == "cpu" for t in tensors)
+        if self._kernel == "fused":
+            if not on_cpu:
+                raise RuntimeError("kernel='fused' runs on CPU only (use 'auto' or 'tbe')")
+            if not _fused.available():
+                raise RuntimeError("kernel='fused': the fused lookup extension failed to build")
+            return True
+        return on_cpu and _fused.available()
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of ``features`` in EBC layout (see the class docstring)."""
-        values, lengths, weights = self._remap_tensors(features)
-        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
-        pooled = self._lookup(self._inner_weights(), values, offsets, lengths, weights)
+        if self.uses_fused_kernel():
+            values, lengths, weights, stride, _ = self._checked_tensors(features)
+            pooled = _fused.fused_pooled_lookup(
+                values,
+                lengths,
+                weights,
+                stride,
+                [getattr(self.codes, name) for name in self._layout.compressed],
+                self._inner_weights(),
+                self._fused_plan,
+            )
+        else:
+            values, lengths, weights = self._remap_tensors(features)
+            offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+            pooled = self._lookup(self._inner_weights(), values, offsets, lengths, weights)
         return KeyedTensor(
             keys=self._layout.features,
             length_per_key=self._layout.feature_dims,
@@ -188,9 +237,8 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             values=values,
         )
 
-    def _remap_tensors(
-        self, features: KeyedJaggedTensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _checked_tensors(self, features: KeyedJaggedTensor) -> tuple:
+        """(ids, lengths, weights or None, stride, length_per_key), outer order, ids checked."""
         layout = self._layout
         # Called through the module so that torch.fx.wrap (which patches remap's globals while
         # tracing) keeps these data-dependent functions as single graph nodes.
@@ -204,11 +252,19 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             layout.feature_tables,
             self._unknown_id_policy,
         )
+        weights = ordered.weights() if self._is_weighted else None
+        return values, ordered.lengths(), weights, ordered.stride(), length_per_key
+
+    def _remap_tensors(
+        self, features: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        layout = self._layout
+        values, lengths, weights, stride, length_per_key = self._checked_tensors(features)
         return _remap.remap_values(
             values,
-            ordered.lengths(),
-            ordered.weights() if self._is_weighted else None,
-            ordered.stride(),
+            lengths,
+            weights,
+            stride,
             length_per_key,
             [getattr(self.codes, name) for name in layout.compressed],
             layout.table_codes,
@@ -227,6 +283,7 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         ebc: EmbeddingBagCollection,
         compressed: dict[str, CompressedTable],
         unknown_id_policy: str = "error",
+        kernel: str = "auto",
     ) -> MECEmbeddingBagCollection:
         """A MEC collection of ``ebc``'s tables: those in ``compressed`` take its codes and
         codebooks, the others copy ``ebc``'s weights. Lives on ``ebc.device``."""
@@ -239,6 +296,7 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             device=ebc.device,
             unknown_id_policy=unknown_id_policy,
             is_weighted=ebc.is_weighted(),
+            kernel=kernel,
         )
         with torch.no_grad():
             for config in ebc.embedding_bag_configs():

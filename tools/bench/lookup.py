@@ -7,8 +7,10 @@ Variants, each timed for forward and for forward + backward + optimizer step:
   ebc        torchrec EmbeddingBagCollection (nn.EmbeddingBag, dense grads, torch SGD)
   tbe        FBGEMM SplitTableBatchedEmbeddingBagsCodegen, CPU/DEVICE, EXACT_ROWWISE_ADAGRAD fused
              into the backward: what the TorchRec planner uses for these tables
-  mec-L*     MECEmbeddingBagCollection (codebooks and small tables in one dense TBE call,
-             torch Adagrad, fused=True)
+  mec-L*     MECEmbeddingBagCollection, default kernel (on CPU: the fused code-gather +
+             pooled lookup of mec_torchrec/modules/fused.py; torch Adagrad, fused=True)
+  mec-L*-remap  the same module with kernel="tbe": remap to L-fold code ids, then one dense
+             TBE call over codebooks and small tables (the CUDA path; CPU default before)
   mec-L*-fused  the same remap, codebooks in a fused EXACT_ROWWISE_ADAGRAD TBE instead
 
 A table is compressed when its codes + codebooks take fewer bytes than the full table.
@@ -113,6 +115,20 @@ def timed(fn: Callable[[int], object], iters: int, device: torch.device) -> floa
 #: thread on a CPU shared with other jobs, CPU time is what the step costs, free of waits).
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter
+dense_loss = False
+_grads: dict[tuple, torch.Tensor] = {}
+
+
+def backprop(out: torch.Tensor) -> None:
+    """``out.sum().backward()`` (a broadcast gradient), or with ``--loss dense`` a fixed random
+    dense gradient of ``out``'s shape, as a real model's loss gives."""
+    if not dense_loss:
+        out.sum().backward()
+        return
+    key = (tuple(out.shape), out.device)
+    if key not in _grads:
+        _grads[key] = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device)
+    out.backward(_grads[key])
 
 
 def _once(fn: Callable[[int], object], i: int, device: torch.device) -> float:
@@ -168,7 +184,7 @@ def bench_ebc(record: Recorder, tables: list[EmbeddingBagConfig],
 
     def step(i: int) -> None:
         sgd.zero_grad(set_to_none=False)
-        ebc(batches[i % 4]).values().sum().backward()
+        backprop(ebc(batches[i % 4]).values())
         sgd.step()
     step(0)  # materialise the dense grads: they stay resident during training
     record.add("ebc", lambda i: ebc(batches[i % 4]), step, tensor_bytes(ebc.parameters()) * 2)
@@ -186,24 +202,25 @@ def bench_tbe(record: Recorder, tables: list[EmbeddingBagConfig],
     tbe = fused_tbe([(t.num_embeddings, t.embedding_dim) for t in tables],
                     list(range(len(tables))), record.device)
     flat = [(b.values(), b.offsets()) for b in batches]
-    record.add("tbe", lambda i: tbe(*flat[i % 4]), lambda i: tbe(*flat[i % 4]).sum().backward(),
+    record.add("tbe", lambda i: tbe(*flat[i % 4]), lambda i: backprop(tbe(*flat[i % 4])),
            tbe_bytes(tbe))
 
 
 def bench_mec(record: Recorder, tables: list[EmbeddingBagConfig],
               batches: list[KeyedJaggedTensor], subspaces: int, codebook_size: int) -> None:
-    mec = MECEmbeddingBagCollection(tables, compression_for(tables, subspaces, codebook_size),
-                                    device=record.device)
-    adagrad = torch.optim.Adagrad(mec.parameters(), lr=0.01, fused=True)
+    for kernel, suffix in (("auto", ""), ("tbe", "-remap")):
+        mec = MECEmbeddingBagCollection(tables, compression_for(tables, subspaces, codebook_size),
+                                        device=record.device, kernel=kernel)
+        adagrad = torch.optim.Adagrad(mec.parameters(), lr=0.01, fused=True)
 
-    def step(i: int) -> None:
-        adagrad.zero_grad()
-        mec(batches[i % 4]).values().sum().backward()
-        adagrad.step()
-    model_bytes = sum(b.stored for b in mec.embedding_bytes().values())
-    note = mec_breakdown(mec, batches, record.iters, record.device)
-    record.add(f"mec-L{subspaces}", lambda i: mec(batches[i % 4]), step,
-           model_bytes + tensor_bytes(mec.parameters()), note)
+        def step(i: int, mec=mec, adagrad=adagrad) -> None:
+            adagrad.zero_grad()
+            backprop(mec(batches[i % 4]).values())
+            adagrad.step()
+        model_bytes = sum(b.stored for b in mec.embedding_bytes().values())
+        note = mec_breakdown(mec, batches, record.iters, record.device) if kernel == "tbe" else ""
+        record.add(f"mec-L{subspaces}{suffix}", lambda i, mec=mec: mec(batches[i % 4]), step,
+                   model_bytes + tensor_bytes(mec.parameters()), note)
 
     # The same remap feeding the codebooks to a fused rowwise-Adagrad TBE instead.
     layout = mec._layout
@@ -214,7 +231,7 @@ def bench_mec(record: Recorder, tables: list[EmbeddingBagConfig],
         values, lengths, _ = mec._remap_tensors(batches[i % 4])
         return fused(values, torch.ops.fbgemm.asynchronous_complete_cumsum(lengths))
     codes_bytes = tensor_bytes([getattr(mec.codes, n) for n in layout.compressed])
-    record.add(f"mec-L{subspaces}-fused", fused_forward, lambda i: fused_forward(i).sum().backward(),
+    record.add(f"mec-L{subspaces}-fused", fused_forward, lambda i: backprop(fused_forward(i)),
            codes_bytes + tbe_bytes(fused))
 
 
@@ -264,9 +281,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--clock", choices=sorted(CLOCK), default="wall",
                         help="wall time, or process CPU time (for --threads 1 on a busy CPU host)")
+    parser.add_argument("--loss", choices=["sum", "dense"], default="sum",
+                        help="train step gradient: out.sum() (broadcast) or a dense random one")
     args = parser.parse_args()
     device = torch.device(args.device)
-    global clock
+    global clock, dense_loss
+    dense_loss = args.loss == "dense"
     clock = CLOCK[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -275,7 +295,7 @@ def main() -> None:
     print(f"lookup bench: {where}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}, "
           f"scale {args.scale} ({rows_total:,} rows), batch {args.batch}, "
-          f"K {args.codebook_size}, {args.clock} clock", flush=True)
+          f"K {args.codebook_size}, {args.clock} clock, {args.loss} loss", flush=True)
     rows = []
     for dim in args.dim:
         rows += bench_dim(args, dim, device)
