@@ -5,22 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from mec_torchrec.baselines.pooling import (
-    check_range,
-    feature_order,
-    per_feature,
-    pool,
-    pooling_mode,
-)
+from mec_torchrec.baselines.pooling import PooledCollection, pool
 from mec_torchrec.modules.config import TableBytes
 
 PRIME = 2_147_483_647  # 2^31 - 1: a * id + b stays inside int64 for ids below 2^31
 
 
-class HashedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class HashedEmbeddingBagCollection(PooledCollection):
     """An ``EmbeddingBagCollection`` whose large tables are replaced by hash buckets.
 
     A table named in ``buckets`` with N rows holds only M = ``buckets[name]`` rows; id j reads
@@ -60,11 +52,7 @@ class HashedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device: torch.device | str | None = None,
         is_weighted: bool = False,
     ) -> None:
-        super().__init__()
-        self._configs = tables
-        self._features = feature_order(tables)
-        self._is_weighted = is_weighted
-        self._device = torch.device(device or "cpu")
+        super().__init__(tables, device, is_weighted)
         unknown = set(buckets) - {t.name for t in tables}
         if unknown:
             raise ValueError(f"buckets name unknown tables {sorted(unknown)}")
@@ -82,19 +70,6 @@ class HashedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             weight = torch.empty(rows, t.embedding_dim, device=self._device)
             self.weights[t.name] = nn.Parameter(weight.uniform_(-bound, bound))
 
-    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        """The table configs, as given (full sizes)."""
-        return self._configs
-
-    def is_weighted(self) -> bool:
-        """Whether the input KJT's weights multiply the rows."""
-        return self._is_weighted
-
-    @property
-    def device(self) -> torch.device:
-        """Where the tables live."""
-        return self._device
-
     def rows_of(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         """The stored row each id of ``table`` reads (the hash for a hashed table, else the id)."""
         if table not in self._hash:
@@ -102,20 +77,16 @@ class HashedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         a, b, m = self._hash[table]
         return (ids * a + b).remainder(PRIME).remainder(m)
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Pooled embeddings in EBC layout (see the class docstring)."""
-        names = [f for f, _ in self._features]
-        pooled = []
-        for (feature, t), (ids, lengths, w) in zip(self._features, per_feature(features, names)):
-            check_range(feature, ids, t.num_embeddings)
-            weights = w if self._is_weighted else None
-            rows = self.rows_of(t.name, ids)
-            pooled.append(pool(self.weights[t.name], rows, lengths, weights, pooling_mode(t)))
-        return KeyedTensor(
-            keys=names,
-            length_per_key=[t.embedding_dim for _, t in self._features],
-            values=torch.cat(pooled, dim=1),
-        )
+    def pooled(
+        self,
+        table: EmbeddingBagConfig,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        weights: torch.Tensor | None,
+        mode: str,
+    ) -> torch.Tensor:
+        """One feature's bags [B, D], pooled from its table's hashed rows."""
+        return pool(self.weights[table.name], self.rows_of(table.name, ids), lengths, weights, mode)
 
     def embedding_bytes(self) -> dict[str, TableBytes]:
         """Per table: fp32 bytes of the full table vs fp32 bytes of the rows held."""

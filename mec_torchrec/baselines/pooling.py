@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 _MODES = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
 
@@ -71,3 +72,61 @@ def pool_rows(
 ) -> torch.Tensor:
     """Pool per-id rows [n, D] (already looked up) into bags [B, D]."""
     return pool(rows, torch.arange(rows.shape[0], device=rows.device), lengths, weights, mode)
+
+
+class PooledCollection(EmbeddingBagCollectionInterface):
+    """What the baseline collections share: the EBC interface and a forward in EBC layout.
+
+    A subclass defines ``pooled(table, ids, lengths, weights, mode) -> [B, D]`` for one feature;
+    ``forward`` checks ids, calls it per feature and lays the results out as an
+    ``EmbeddingBagCollection`` of the same configs would (keys in table order).
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        device: torch.device | str | None,
+        is_weighted: bool,
+    ) -> None:
+        super().__init__()
+        self._configs = tables
+        self._features = feature_order(tables)
+        self._is_weighted = is_weighted
+        self._device = torch.device(device or "cpu")
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """The table configs, as given (full sizes)."""
+        return self._configs
+
+    def is_weighted(self) -> bool:
+        """Whether the input KJT's weights multiply the rows."""
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        """Where the tables live."""
+        return self._device
+
+    def pooled(
+        self,
+        table: EmbeddingBagConfig,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        weights: torch.Tensor | None,
+        mode: str,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pooled embeddings in EBC layout (see the subclass's docstring)."""
+        names = [f for f, _ in self._features]
+        pooled = []
+        for (feature, t), (ids, lengths, w) in zip(self._features, per_feature(features, names)):
+            check_range(feature, ids, t.num_embeddings)
+            weights = w if self._is_weighted else None
+            pooled.append(self.pooled(t, ids, lengths, weights, pooling_mode(t)))
+        return KeyedTensor(
+            keys=names,
+            length_per_key=[t.embedding_dim for _, t in self._features],
+            values=torch.cat(pooled, dim=1),
+        )

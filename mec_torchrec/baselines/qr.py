@@ -7,20 +7,12 @@ import math
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from mec_torchrec.baselines.pooling import (
-    check_range,
-    feature_order,
-    per_feature,
-    pool_rows,
-    pooling_mode,
-)
+from mec_torchrec.baselines.pooling import PooledCollection, pool_rows
 from mec_torchrec.modules.config import TableBytes
 
 
-class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class QREmbeddingBagCollection(PooledCollection):
     """An ``EmbeddingBagCollection`` whose large tables are quotient-remainder pairs.
 
     A table named in ``remainders`` with N rows and m = ``remainders[name]`` holds a quotient
@@ -58,11 +50,7 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device: torch.device | str | None = None,
         is_weighted: bool = False,
     ) -> None:
-        super().__init__()
-        self._configs = tables
-        self._features = feature_order(tables)
-        self._is_weighted = is_weighted
-        self._device = torch.device(device or "cpu")
+        super().__init__(tables, device, is_weighted)
         self._remainders = dict(remainders)
         by_name = {t.name: t for t in tables}
         unknown = set(remainders) - set(by_name)
@@ -87,19 +75,6 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 weight = torch.empty(rows, d, device=self._device).uniform_(low, 1.0)
                 store[t.name] = nn.Parameter(weight)
 
-    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        """The table configs, as given (full sizes)."""
-        return self._configs
-
-    def is_weighted(self) -> bool:
-        """Whether the input KJT's weights multiply the rows."""
-        return self._is_weighted
-
-    @property
-    def device(self) -> torch.device:
-        """Where the tables live."""
-        return self._device
-
     def rows(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         """The embedding of each id of ``table``: [n] -> [n, D]."""
         if table not in self._remainders:
@@ -108,19 +83,16 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         quotient = self.quotient[table][ids.div(m, rounding_mode="floor")]
         return quotient * self.remainder[table][ids.remainder(m)]
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Pooled embeddings in EBC layout (see the class docstring)."""
-        names = [f for f, _ in self._features]
-        pooled = []
-        for (feature, t), (ids, lengths, w) in zip(self._features, per_feature(features, names)):
-            check_range(feature, ids, t.num_embeddings)
-            weights = w if self._is_weighted else None
-            pooled.append(pool_rows(self.rows(t.name, ids), lengths, weights, pooling_mode(t)))
-        return KeyedTensor(
-            keys=names,
-            length_per_key=[t.embedding_dim for _, t in self._features],
-            values=torch.cat(pooled, dim=1),
-        )
+    def pooled(
+        self,
+        table: EmbeddingBagConfig,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        weights: torch.Tensor | None,
+        mode: str,
+    ) -> torch.Tensor:
+        """One feature's bags [B, D], pooled after the quotient-remainder product."""
+        return pool_rows(self.rows(table.name, ids), lengths, weights, mode)
 
     def embedding_bytes(self) -> dict[str, TableBytes]:
         """Per table: fp32 bytes of the full table vs fp32 bytes of Q and R (or the full table)."""
