@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -19,6 +21,9 @@ from mec_torchrec.modules.lookup import DenseTableBatchedLookup
 from mec_torchrec.quantize.table import CompressedTable, code_dtype
 
 KERNELS = ("auto", "fused", "tbe")
+
+#: ``(ids, ids_per_feature) -> (ids', codes per compressed table)``: see ``remap``.
+CodeSource = Callable[[torch.Tensor, list[int]], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
 class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -205,14 +210,21 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     # -- the two halves, for the sharder -------------------------------------------------------
 
-    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    def remap(
+        self, features: KeyedJaggedTensor, code_source: CodeSource | None = None
+    ) -> KeyedJaggedTensor:
         """The KJT the inner ``codebooks`` EBC takes: keys in its feature order.
 
         A feature ``f`` of a compressed table becomes ``f@0 .. f@{L-1}`` holding the code ids
         ``codes[ids, l]`` (int64) with the lengths (and weights) of ``f``; features of full tables
         pass through. Out-of-range ids raise or follow ``unknown_id_policy``.
+
+        ``code_source(ids, ids_per_feature)`` (checked ids in outer feature order) may replace the
+        codes read: it returns ``(ids', codes)``, one tensor per compressed table that ``ids'``
+        index instead of ``self.codes``. A sharder passes one that fetches the codes rows of ids
+        from the ranks that own them.
         """
-        values, lengths, weights = self._remap_tensors(features)
+        values, lengths, weights = self._remap_tensors(features, code_source)
         remapped = KeyedJaggedTensor(
             keys=self._layout.lookup_features,
             values=values,
@@ -256,17 +268,20 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return values, ordered.lengths(), weights, ordered.stride(), length_per_key
 
     def _remap_tensors(
-        self, features: KeyedJaggedTensor
+        self, features: KeyedJaggedTensor, code_source: CodeSource | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         layout = self._layout
         values, lengths, weights, stride, length_per_key = self._checked_tensors(features)
+        codes = [getattr(self.codes, name) for name in layout.compressed]
+        if code_source is not None:
+            values, codes = code_source(values, length_per_key)
         return _remap.remap_values(
             values,
             lengths,
             weights,
             stride,
             length_per_key,
-            [getattr(self.codes, name) for name in layout.compressed],
+            codes,
             layout.table_codes,
             layout.table_num_features,
             layout.lookup_sources,
