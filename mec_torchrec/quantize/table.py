@@ -7,18 +7,25 @@ subspace) and ``codebooks`` [L, K, D / L] float32. Row ``j`` decodes to the conc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mec_torchrec.io import atomic_path
 
 _FORMAT = "mec_torchrec.CompressedTable"
-_VERSION = "1"
+# Version 2 adds a sha256 of the tensors and stats; version 1 files (no checksum) still load.
+_VERSION = "2"
+_READABLE_VERSIONS = ("1", "2")
+
+
+class TableFileError(ValueError):
+    """A CompressedTable file that cannot be loaded; the message names the file and the fault."""
 
 
 def code_dtype(codebook_size: int) -> torch.dtype:
@@ -148,28 +155,70 @@ class CompressedTable:
 
         Tensors are stored as is (bit-exact); stats go into the header metadata as JSON.
         """
+        stats = json.dumps(self.stats, sort_keys=True)
+        tensors = {"codes": self.codes.cpu().contiguous(), "codebooks": self.codebooks.cpu()}
         meta = {
             "format": _FORMAT,
             "version": _VERSION,
-            "stats": json.dumps(self.stats, sort_keys=True),
+            "stats": stats,
+            "sha256": _checksum(tensors["codes"], tensors["codebooks"], stats),
         }
-        tensors = {"codes": self.codes.cpu().contiguous(), "codebooks": self.codebooks.cpu()}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> CompressedTable:
-        """Read a table written by :meth:`save`."""
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                fmt = meta.get("format")
-                raise ValueError(f"{path}: not a CompressedTable file (format {fmt!r})")
-            if meta.get("version") != _VERSION:
-                ver = meta.get("version")
-                raise ValueError(f"{path}: unsupported CompressedTable version {ver!r}")
-            codes, codebooks = f.get_tensor("codes"), f.get_tensor("codebooks")
-        return cls(codes, codebooks, json.loads(meta.get("stats", "{}")))
+        """Read a table written by :meth:`save`, checking its sha256 (version 2 files).
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            TableFileError: (a ``ValueError``) naming ``path``: not a readable safetensors file
+                (truncated, corrupted), another format or an unknown version, tensors missing or
+                of the wrong dtype or shape, codes outside [0, K), a checksum mismatch, or stats
+                that are not a JSON object.
+        """
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                names = sorted(f.keys())
+                tensors = {k: f.get_tensor(k) for k in names if k in ("codes", "codebooks")}
+        except FileNotFoundError:
+            raise
+        except (SafetensorError, OSError) as e:
+            raise TableFileError(f"{path}: not a readable safetensors file ({e})") from None
+        if meta.get("format") != _FORMAT:
+            raise TableFileError(
+                f"{path}: not a CompressedTable file (format {meta.get('format')!r})"
+            )
+        version = meta.get("version")
+        if version not in _READABLE_VERSIONS:
+            raise TableFileError(
+                f"{path}: unsupported CompressedTable version {version!r} "
+                f"(this code reads {list(_READABLE_VERSIONS)})"
+            )
+        if names != ["codebooks", "codes"]:
+            raise TableFileError(f"{path}: holds tensors {names}, expected ['codebooks', 'codes']")
+        codes, codebooks = tensors["codes"], tensors["codebooks"]
+        stats_text = meta.get("stats", "{}")
+        expected = meta.get("sha256")
+        if version != "1" and expected is None:
+            raise TableFileError(f"{path}: version {version} file without its sha256")
+        if expected is not None and _checksum(codes, codebooks, stats_text) != expected:
+            raise TableFileError(
+                f"{path}: sha256 of the tensors and stats does not match the "
+                f"header's (corrupted file)"
+            )
+        try:
+            stats = json.loads(stats_text)
+        except json.JSONDecodeError as e:
+            raise TableFileError(f"{path}: stats are not valid JSON ({e})") from None
+        if not isinstance(stats, dict):
+            raise TableFileError(f"{path}: stats must be a JSON object, got {type(stats).__name__}")
+        try:
+            table = cls(codes, codebooks, stats)
+        except ValueError as e:
+            raise TableFileError(f"{path}: {e}") from None
+        return table if torch.device(device).type == "cpu" else table.to(device)
 
     def __repr__(self) -> str:
         return (
@@ -177,6 +226,16 @@ class CompressedTable:
             f"num_subspaces={self.num_subspaces}, codebook_size={self.codebook_size}, "
             f"codes={self.codes.dtype}, ratio={self.compression_ratio:.1f}x)"
         )
+
+
+def _checksum(codes: torch.Tensor, codebooks: torch.Tensor, stats: str) -> str:
+    """Hex sha256 of both tensors (dtype, shape, bytes) and the stats JSON, as stored."""
+    digest = hashlib.sha256()
+    for name, tensor in (("codes", codes), ("codebooks", codebooks)):
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}\n".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    digest.update(stats.encode())
+    return digest.hexdigest()
 
 
 def decode_codes(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
