@@ -2,6 +2,13 @@
 
 from mec_torchrec.quantize.mec import MECQuantizer
 from mec_torchrec.quantize.pq import PQQuantizer
-from mec_torchrec.quantize.table import CompressedTable, code_dtype, decode_codes
+from mec_torchrec.quantize.table import CompressedTable, TableFileError, code_dtype, decode_codes
 
-__all__ = ["CompressedTable", "MECQuantizer", "PQQuantizer", "code_dtype", "decode_codes"]
+__all__ = [
+    "CompressedTable",
+    "MECQuantizer",
+    "PQQuantizer",
+    "TableFileError",
+    "code_dtype",
+    "decode_codes",
+]
