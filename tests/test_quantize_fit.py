@@ -76,13 +76,35 @@ def test_codes_use_int16_beyond_256_entries():
 
 def test_training_lowers_reconstruction_error():
     weight, counts = _table()
-    # From raw k-means++ seeds (no Lloyd): the trained codebooks must reconstruct better.
-    untrained = _mec(kmeans_iters=0, epochs=0).fit(weight, counts)
-    quantizer = _mec(kmeans_iters=0, epochs=4, lr=3e-2, use_contrastive=False)
+    # From raw k-means++ seeds (no Lloyd, no polish): the trained codebooks must reconstruct better.
+    untrained = _mec(kmeans_iters=0, epochs=0, polish_iters=0).fit(weight, counts)
+    quantizer = _mec(kmeans_iters=0, epochs=4, lr=3e-2, use_contrastive=False, polish_iters=0)
     trained = quantizer.fit(weight, counts)
     assert _err(trained, weight) < 0.95 * _err(untrained, weight)
     heldout = [h["heldout"] for h in quantizer.history]
     assert min(heldout[1:]) < heldout[0]
+
+
+def test_polish_lowers_error_and_codes_still_come_from_the_encoder():
+    weight, counts = _table()
+    rough = _mec(polish_iters=0).fit(weight, counts)
+    quantizer = _mec(polish_iters=3)
+    polished = quantizer.fit(weight, counts)
+    assert _err(polished, weight) < _err(rough, weight)
+    assert polished.stats["polish_iters"] == 3
+    q = quantizer.encoder(weight).view(N, L, D // L)
+    from mec_torchrec.quantize.kmeans import nearest
+
+    assert torch.equal(polished.codes.long(), nearest(q, quantizer.assign_codebooks))
+
+
+def test_count_sampling_favours_the_head_over_uniform_sampling():
+    weight, counts = _table()
+    uniform = _mec(use_pwr=False, polish_iters=0).fit(weight, counts).stats["buckets"]
+    count = _mec(use_pwr=False, no_pwr_sampling="count", polish_iters=0).fit(weight, counts)
+    assert count.stats["buckets"]["head"]["mse"] < uniform["head"]["mse"]
+    with pytest.raises(ValueError, match="no_pwr_sampling"):
+        MECQuantizer(L, K, no_pwr_sampling="traffic")
 
 
 def test_encoder_is_trained_and_codes_come_from_its_output(fitted):

@@ -47,15 +47,22 @@ class MECQuantizer:
     Early stopping watches the held-out rows' weighted reconstruction error plus the usage term
     (never the training loss) and restores the best state.
 
-    After training, ``encode`` gives the nearest ``assign_codebooks`` entry of the encoder output
-    for every row (one streaming pass), and each entry of the served ``codebooks`` is refitted to
-    the mean of the original sub-vectors assigned to it, which for those codes minimises the
-    reconstruction error of ``decode`` in the original space (what stage 3 warm-starts from).
+    After training, ``polish_iters`` unweighted Lloyd iterations on the encoder outputs of the
+    fit pool (a uniform sample of the table) refine ``assign_codebooks``: training weights rows by
+    popularity, while the table's reconstruction error weighs every row once, and these steps move
+    the entries toward that objective without changing how codes are made (still the nearest
+    entry of the encoder output). Then ``encode`` gives the nearest ``assign_codebooks`` entry of
+    the encoder output for every row (one streaming pass), and each entry of the served
+    ``codebooks`` is refitted to the mean of the original sub-vectors assigned to it, which for
+    those codes minimises the reconstruction error of ``decode`` in the original space (what
+    stage 3 warm-starts from).
 
     **PWR.** With ``use_pwr`` rows are drawn with probability proportional to
     floor(log2(counts[j])) (1 when the count is below 2), as indices with replacement from the
     fit pool (a uniform subset of at most ``sample_size`` rows, each held once), and the usage
-    regulariser is on. ``use_pwr=False`` draws rows uniformly and drops the usage term.
+    regulariser is on. ``use_pwr=False`` drops the usage term and draws rows as
+    ``no_pwr_sampling`` says: ``"uniform"`` (every row alike) or ``"count"`` (in proportion to
+    its training count, i.e. the id traffic, which is what PWR's log damping is meant to beat).
 
     Args:
         num_subspaces: L, sub-vectors per row (D % L == 0).
@@ -70,6 +77,7 @@ class MECQuantizer:
         patience: epochs without held-out improvement before stopping.
         sample_size: rows in the fit pool (uniform subset of the table; all rows if fewer).
         use_pwr: popularity-weighted sampling + usage regulariser (see above).
+        no_pwr_sampling: row sampling when ``use_pwr`` is False: "uniform" or "count".
         use_contrastive: add the contrastive term.
         seed: seeds every random draw (CPU ``torch.Generator``); equal seeds give identical codes
             on the CPU (on CUDA, atomics in the backward pass can differ in the last bits).
@@ -82,6 +90,8 @@ class MECQuantizer:
         init_size: pool rows (PWR-weighted) for k-means++ seeding and the Lloyd iterations.
         holdout_size: held-out rows for early stopping (at most N / 10).
         chunk_rows: rows per chunk in the streaming encode pass.
+        polish_iters: unweighted Lloyd iterations on the pool's encoder outputs after training
+            (0 keeps the trained ``assign_codebooks`` as they are).
     """
 
     def __init__(
@@ -99,6 +109,7 @@ class MECQuantizer:
         patience: int = 3,
         sample_size: int = 1_000_000,
         use_pwr: bool = True,
+        no_pwr_sampling: str = "uniform",
         use_contrastive: bool = True,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -109,14 +120,16 @@ class MECQuantizer:
         init_size: int = 65536,
         holdout_size: int = 10_000,
         chunk_rows: int = 65536,
+        polish_iters: int = 3,
     ) -> None:
         check_config(num_subspaces, codebook_size)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if batch_size < 1 or epochs < 0 or patience < 1 or sample_size < 1:
+        if batch_size < 1 or epochs < 0 or patience < 1 or sample_size < 1 or polish_iters < 0:
             raise ValueError(
-                f"need batch_size >= 1, epochs >= 0, patience >= 1, sample_size >= 1; got "
-                f"{batch_size}, {epochs}, {patience}, {sample_size}"
+                f"need batch_size >= 1, epochs >= 0, patience >= 1, sample_size >= 1, "
+                f"polish_iters >= 0; got {batch_size}, {epochs}, {patience}, {sample_size}, "
+                f"{polish_iters}"
             )
         self.num_subspaces, self.codebook_size = num_subspaces, codebook_size
         self.reg_weight, self.contrastive_weight = reg_weight, contrastive_weight
@@ -127,6 +140,12 @@ class MECQuantizer:
         self.hidden_dim, self.in_batch_negatives = hidden_dim, in_batch_negatives
         self.kmeans_iters, self.init_size = kmeans_iters, init_size
         self.holdout_size, self.chunk_rows = holdout_size, chunk_rows
+        self.polish_iters = polish_iters
+        if no_pwr_sampling not in ("uniform", "count"):
+            raise ValueError(
+                f"no_pwr_sampling must be 'uniform' or 'count', got {no_pwr_sampling!r}"
+            )
+        self.no_pwr_sampling = no_pwr_sampling
         self.encoder: ResidualEncoder | None = None
         self.assign_codebooks: torch.Tensor | None = None
         self.codebooks: torch.Tensor | None = None
@@ -219,7 +238,12 @@ class MECQuantizer:
         gen = torch.Generator().manual_seed(self.seed)
         n, dim = weight.shape
         L, d, dev = self.num_subspaces, dim // self.num_subspaces, self.device
-        row_w = pwr_weights(counts) if self.use_pwr else torch.ones(n, dtype=torch.float64)
+        if self.use_pwr:
+            row_w = pwr_weights(counts)
+        elif self.no_pwr_sampling == "count":
+            row_w = counts.to(device="cpu", dtype=torch.float64).clamp_min(1)  # unseen rows: 1
+        else:
+            row_w = torch.ones(n, dtype=torch.float64)
         train_ids, held_ids = split_holdout(n, self.holdout_size, gen)
         if train_ids.shape[0] > self.sample_size:
             pick = torch.randperm(train_ids.shape[0], generator=gen)[: self.sample_size]
@@ -287,7 +311,7 @@ class MECQuantizer:
         bar.close()
         self.encoder.load_state_dict(best_state[0])
         self.encoder.eval().requires_grad_(False)
-        self.assign_codebooks = best_state[1]
+        self.assign_codebooks = self._polish(pool, best_state[1])
         fit_s = time.perf_counter() - t0
 
         codes = self.encode(weight)
@@ -301,9 +325,24 @@ class MECQuantizer:
             sample_rows=pool.shape[0],
             heldout_rows=len(held_ids),
             best_epoch=best_epoch,
+            polish_iters=self.polish_iters,
             history=self.history,
         )
         return CompressedTable(codes, self.codebooks.cpu(), stats)
+
+    @torch.no_grad()
+    def _polish(self, pool: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+        """``polish_iters`` unweighted Lloyd iterations on the encoder outputs of ``pool``."""
+        if not self.polish_iters:
+            return codebooks
+        L = self.num_subspaces
+        q = torch.cat(
+            [
+                self.encoder(pool[s : s + self.chunk_rows])
+                for s in range(0, len(pool), self.chunk_rows)
+            ]
+        )
+        return lloyd(q.view(q.shape[0], L, -1), codebooks, self.polish_iters)
 
     # -- inference ------------------------------------------------------------------------
 

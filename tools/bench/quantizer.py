@@ -1,7 +1,8 @@
 """Quantizer benchmark: MEC vs plain k-means PQ on clustered synthetic tables with Zipf counts.
 
-Prints, from one run: reconstruction MSE and usage perplexity of MEC (with and without PWR) as
-ratios to PQQuantizer at the same (L, K); head/tail error with vs without PWR; fit and encode
+Prints, from one run: reconstruction MSE and usage perplexity of MEC (with and without PWR, with
+and without the final polish) as ratios to PQQuantizer at the same (L, K); head/tail error with
+PWR vs without it (rows drawn in proportion to their counts, and uniformly); fit and encode
 rows/s for N = 1e4 .. 1e7 (D = 64, L = 4 and 8, K = 256).
 
     .venv/bin/python tools/bench/quantizer.py [--quick] [--max-rows N] [--json out.json]
@@ -58,7 +59,13 @@ def summary(table_stats: dict) -> dict:
 def quality(num_rows: int, num_subspaces: int, k: int, epochs: int, seed: int) -> dict:
     weight, counts = make_table(num_rows, 64, seed)
     out = {"pq": summary(PQQuantizer(num_subspaces, k, seed=seed).fit(weight, counts).stats)}
-    for name, kw in (("mec", {}), ("mec_no_pwr", {"use_pwr": False})):
+    variants = (
+        ("mec", {}),
+        ("mec_no_polish", {"polish_iters": 0}),
+        ("mec_no_pwr", {"use_pwr": False}),
+        ("mec_count", {"use_pwr": False, "no_pwr_sampling": "count"}),
+    )
+    for name, kw in variants:
         q = MECQuantizer(num_subspaces, k, epochs=epochs, seed=seed, sample_size=num_rows, **kw)
         out[name] = summary(q.fit(weight, counts).stats)
         out[name]["best_epoch"] = q.history and min(q.history, key=lambda h: h["heldout"])["epoch"]
@@ -66,7 +73,7 @@ def quality(num_rows: int, num_subspaces: int, k: int, epochs: int, seed: int) -
 
 
 def print_quality(num_rows: int, num_subspaces: int, k: int, res: dict) -> None:
-    pq, mec, nopwr = res["pq"], res["mec"], res["mec_no_pwr"]
+    pq, mec, nopwr, count = res["pq"], res["mec"], res["mec_no_pwr"], res["mec_count"]
     print(f"\n== quality: N={num_rows:,} D=64 L={num_subspaces} K={k} ==")
     print(
         f"{'method':<12}{'mse':>9}{'head':>9}{'tail':>9}{'ppl mean':>10}{'ppl min':>9}"
@@ -83,10 +90,12 @@ def print_quality(num_rows: int, num_subspaces: int, k: int, res: dict) -> None:
         f"MEC/PQ perplexity ratio {mec['ppl_mean'] / pq['ppl_mean']:.4f}   "
         f"MEC min perplexity / K {mec['ppl_min'] / k:.3f} (target >= 0.8)"
     )
-    print(
-        f"tail mse with/without PWR {mec['tail_mse'] / nopwr['tail_mse']:.4f} (target < 1)   "
-        f"head mse with/without PWR {mec['head_mse'] / nopwr['head_mse']:.4f}"
-    )
+    for label, base in (("count-proportional", count), ("uniform", nopwr)):
+        print(
+            f"PWR vs no PWR ({label} sampling): tail mse ratio "
+            f"{mec['tail_mse'] / base['tail_mse']:.4f} (target < 1)   "
+            f"head mse ratio {mec['head_mse'] / base['head_mse']:.4f}"
+        )
 
 
 def scaling(num_rows: int, num_subspaces: int, k: int, epochs: int, seed: int) -> dict:
