@@ -87,7 +87,7 @@ def dataset_spec_from_dict(raw: dict[str, Any], base_dir: str | os.PathLike = ".
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
     known = {f.name for f in dataclasses.fields(DatasetSpec)} - {"source"}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)  # YAML keys need not be strings
     if unknown:
         raise DataError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
     missing = sorted({"name", "format", "train", "label", "categorical"} - set(raw))
