@@ -8,6 +8,7 @@ required key or a value of the wrong type is a ``SpecError`` that names the file
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -126,6 +127,14 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
 
 def _check(spec: JobSpec) -> None:
     m, c = spec.model, spec.compression
+    for key in ("embedding_dim", "dcn_num_layers", "dcn_low_rank_dim"):
+        _at_least(f"model.{key}", getattr(m, key), 1)
+    for key in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+        for i, size in enumerate(getattr(m, key)):
+            _at_least(f"model.{key}[{i}]", size, 1)
+    _at_least("compression.num_subspaces", c.num_subspaces, 1)
+    _at_least("compression.codebook_size", c.codebook_size, 1)
+    _at_least("compression.min_rows", c.min_rows, 0)
     if m.dense_arch_layer_sizes[-1:] != [m.embedding_dim]:
         raise SpecError(
             f"model.dense_arch_layer_sizes: the last size must equal model.embedding_dim "
@@ -143,12 +152,36 @@ def _check(spec: JobSpec) -> None:
     for name in ("training", "retrain"):
         t: TrainingSpec = getattr(spec, name)
         for key in ("batch_size", "eval_batch_size", "epochs"):
-            if getattr(t, key) < 1:
-                raise SpecError(f"{name}.{key}: must be >= 1, got {getattr(t, key)}")
+            _at_least(f"{name}.{key}", getattr(t, key), 1)
+        for key in ("max_steps_per_epoch", "max_eval_batches"):
+            if getattr(t, key) is not None:
+                _at_least(f"{name}.{key}", getattr(t, key), 1)
+        _at_least(f"{name}.patience", t.patience, 0)
+        _at_least(f"{name}.dense_weight_decay", t.dense_weight_decay, 0)
         if not 0 < t.eval_every <= 1:
             raise SpecError(f"{name}.eval_every: must be in (0, 1], got {t.eval_every}")
+        for key in ("dense_lr", "embedding_lr", "codebook_lr", "cold_dense_lr"):
+            if getattr(t, key, None) is not None:  # 0 freezes those parameters
+                _at_least(f"{name}.{key}", getattr(t, key), 0)
     if not spec.retrain.variants:
         raise SpecError("retrain.variants: give at least one of 'warm', 'cold'")
+    _check_quantizer(c)
+
+
+def _at_least(key: str, value: float, low: int) -> None:
+    if value < low:
+        raise SpecError(f"{key}: must be >= {low}, got {value}")
+
+
+def _check_quantizer(c: CompressionSpec) -> None:
+    """Build the stage-2 quantizer now, so a bad argument fails before stage 1 runs."""
+    from mec_torchrec.quantize import MECQuantizer, PQQuantizer
+
+    cls = MECQuantizer if c.method == "mec" else PQQuantizer
+    try:
+        cls(num_subspaces=c.num_subspaces, codebook_size=c.codebook_size, **c.quantizer)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SpecError(f"compression.quantizer: {cls.__name__} refuses it: {e}") from None
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -156,7 +189,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raise SpecError(f"{where or 'top level'}: expected a mapping, got {_show(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys need not be strings
     if unknown:
         key = f"{where}.{unknown[0]}" if where else str(unknown[0])
         raise SpecError(f"{key}: unknown key (expected one of: {', '.join(fields)})")
@@ -203,11 +236,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         # YAML reads 1e-3 (no dot) as a string; accept it as the number it means.
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{key}: expected a number, got {_show(value)}")
+        if not math.isfinite(value):
+            raise SpecError(f"{key}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
