@@ -48,14 +48,15 @@ def _to_float(spec: DatasetSpec, sb_path: Path, first_row: int, name: str,
             pa.types.is_boolean(column.type):
         return pc.cast(column, pa.float64())
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = pc.utf8_trim_whitespace(column)  # " 1" is a number, as for float()
         try:
             return pc.cast(pc.if_else(pc.equal(column, ""), None, column), pa.float64())
         except pa.ArrowInvalid:
             for i, v in enumerate(column.to_pylist()):
                 if v not in (None, ""):
                     try:
-                        float(v)
-                    except ValueError:
+                        pc.cast(pa.array([v]), pa.float64())
+                    except pa.ArrowInvalid:
                         raise DataError(f"{_row_name(spec, sb_path, first_row + i)}, column "
                                         f"{name!r}: {v!r} is not a number") from None
             raise
@@ -74,7 +75,13 @@ def _normalize(spec: DatasetSpec, path: Path, first_row: int, batch: pa.RecordBa
     columns["label"] = pa.array(label_np.astype(np.float32))
     for name in spec.dense:
         values = _to_float(spec, path, first_row, name, batch.column(name))
-        x = np.nan_to_num(values.to_numpy(zero_copy_only=False), nan=0.0)
+        x = values.to_numpy(zero_copy_only=False)
+        infinite = np.isinf(x)
+        if infinite.any():  # NaN is a missing value; inf is not a count or a measurement
+            i = int(np.flatnonzero(infinite)[0])
+            raise DataError(f"{_row_name(spec, path, first_row + i)}, column {name!r}: {x[i]} "
+                            f"is not a finite number")
+        x = np.nan_to_num(x, nan=0.0)
         if spec.dense_transform == "log1p":
             x = np.log1p(np.maximum(x, 0.0))
         columns[name] = pa.array(x.astype(np.float32))
@@ -122,6 +129,10 @@ def _check_columns(spec: DatasetSpec, path: Path, names: list[str]) -> None:
     if missing:
         raise DataError(f"{path}: column(s) {missing} named in the spec are not in the file "
                         f"(its columns: {names})")
+    repeated = [n for n in wanted if names.count(n) > 1]
+    if repeated:
+        raise DataError(f"{path}: column(s) {repeated} appear more than once in the file, so "
+                        f"which one the spec means is ambiguous")
 
 
 def _read_parquet(spec: DatasetSpec, path: Path) -> Iterator[pa.RecordBatch]:
@@ -149,8 +160,9 @@ def _read_text(spec: DatasetSpec, path: Path) -> Iterator[pa.RecordBatch]:
     names = [CRITEO_LABEL, *CRITEO_DENSE, *CRITEO_CATEGORICAL] if tsv else None
     text_columns = [spec.label, *spec.dense, *spec.categorical, *spec.multi_valued]
     read = pacsv.ReadOptions(use_threads=False, block_size=TEXT_BLOCK_BYTES, column_names=names)
+    # Criteo's TSV files have no quoting: a '"' is an ordinary character there.
     parse = pacsv.ParseOptions(delimiter="\t" if tsv else spec.csv_delimiter,
-                               invalid_row_handler=on_invalid)
+                               quote_char=False if tsv else '"', invalid_row_handler=on_invalid)
     convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in text_columns},
                                    include_columns=text_columns, strings_can_be_null=False)
     try:
@@ -160,7 +172,12 @@ def _read_text(spec: DatasetSpec, path: Path) -> Iterator[pa.RecordBatch]:
             _check_columns(spec, path, header.schema.names)
         reader = pacsv.open_csv(path, read_options=read, parse_options=parse,
                                 convert_options=convert)
-        yield from reader
+        row = 0
+        for batch in reader:
+            if not tsv:
+                _check_no_newlines(spec, path, row, batch)
+            row += batch.num_rows
+            yield batch
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except pa.ArrowInvalid as e:
@@ -173,6 +190,18 @@ def _read_text(spec: DatasetSpec, path: Path) -> Iterator[pa.RecordBatch]:
         if "Empty CSV file" in str(e):
             return
         raise DataError(f"{path}: cannot parse ({e})") from None
+
+
+def _check_no_newlines(spec: DatasetSpec, path: Path, first_row: int,
+                       batch: pa.RecordBatch) -> None:
+    """Values are parsed without newlines, so one holding a newline began at an unclosed quote
+    (pyarrow then takes the rest of the file as that value: rows silently lost)."""
+    for name, column in zip(batch.schema.names, batch.columns):
+        found = pc.match_substring(column, "\n")
+        if pc.any(found).as_py():
+            i = int(np.flatnonzero(found.to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{_row_name(spec, path, first_row + i)}, column {name!r}: a quoted "
+                            f"value runs over several lines (a quote that is never closed?)")
 
 
 def _read_npy(spec: DatasetSpec, path: Path) -> Iterator[pa.RecordBatch]:
@@ -194,6 +223,10 @@ def _read_npy(spec: DatasetSpec, path: Path) -> Iterator[pa.RecordBatch]:
             raise DataError(f"{file}: not a readable .npy file ({e})") from None
         if arr.ndim != 2 or arr.shape[1] != width:
             raise DataError(f"{file}: expected shape [N, {width}], found {list(arr.shape)}")
+        kinds = "iu" if part == "sparse" else "iuf"  # float ids would be truncated silently
+        if arr.dtype.kind not in kinds:
+            raise DataError(f"{file}: dtype {arr.dtype}, expected "
+                            f"{'integers' if part == 'sparse' else 'numbers'}")
         arrays[part] = arr
     n = arrays["labels"].shape[0]
     for part in ("dense", "sparse"):
