@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from mec_torchrec.cli import UserError
 from mec_torchrec.export.format import CODEBOOK_DTYPES, Manifest
 from mec_torchrec.export.reader import read_manifest
 from mec_torchrec.export.writer import export_model
@@ -45,15 +46,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    features = _features(args.features) if args.features else None
     if args.model:
         # A pickled model runs code on load: only for files the user made (say so in the help).
-        source = torch.load(args.model, map_location="cpu", weights_only=False)
+        try:
+            source = torch.load(args.model, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise UserError(f"--model {args.model}: no such file") from None
+        except Exception as e:  # unpickling a bad file raises many types
+            raise UserError(
+                f"--model {args.model}: not a readable torch.save file ({type(e).__name__}: {e})"
+            ) from e
+        if not isinstance(source, torch.nn.Module):
+            raise UserError(
+                f"--model {args.model}: holds a {type(source).__name__}, expected an "
+                f"nn.Module (use --checkpoint for a state dict)"
+            )
     else:
         source = args.checkpoint
-    features = json.loads(args.features) if args.features else None
     manifest = export_model(source, args.out, args.codebook_dtype, feature_names=features)
     print(describe(manifest, args.out))
     return 0
+
+
+def _features(text: str) -> dict[str, list[str]]:
+    try:
+        features = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--features: not valid JSON ({e})") from None
+    if not isinstance(features, dict) or not all(
+        isinstance(v, list) and all(isinstance(f, str) for f in v) for v in features.values()
+    ):
+        raise UserError(f'--features: expected {{"table": ["feature", ...]}}, got {text}')
+    return features
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -134,6 +134,8 @@ class Manifest:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise ArtifactError(f"{where}: not valid JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{where}: expected a JSON object, got {type(raw).__name__}")
         if raw.get("format") != FORMAT:
             raise ArtifactError(f"{where}: format {raw.get('format')!r}, expected {FORMAT!r}")
         if raw.get("format_version") != FORMAT_VERSION:
@@ -157,7 +159,7 @@ class Manifest:
                 unknown_id_policy=raw["unknown_id_policy"],
                 source=raw.get("source", {}),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(f"{where}: malformed manifest ({e!r})") from e
 
     def total_bytes(self) -> int:

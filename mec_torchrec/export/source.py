@@ -25,7 +25,9 @@ from mec_torchrec.modules import MECEmbeddingBagCollection
 from mec_torchrec.quantize.table import CompressedTable
 
 _CODES = re.compile(r"^(?P<prefix>.*?)codes\.(?P<table>[^.@]+)$")
-_INNER = re.compile(r"^(?P<prefix>.*?)codebooks\.embedding_bags\.(?P<table>[^.@]+)(@(?P<sub>\d+))?\.weight$")
+_INNER = re.compile(
+    r"^(?P<prefix>.*?)codebooks\.embedding_bags\.(?P<table>[^.@]+)(@(?P<sub>\d+))?\.weight$"
+)
 
 
 @dataclass
@@ -159,11 +161,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return _read_dcp(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types (unpickling, zip, struct) for bad files
+        raise ValueError(f"{path}: not a readable torch.save file ({type(e).__name__}: {e})") from e
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping):
-        raise TypeError(f"{path}: expected a state dict, got {type(state).__name__}")
+        raise ValueError(  # noqa: TRY004 (the file's content is bad, not the argument)
+            f"{path}: expected a state dict, got {type(state).__name__}"
+        )
     return dict(state)
 
 
@@ -172,8 +179,13 @@ def _read_dcp(path: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not (path / ".metadata").exists():
-        raise FileNotFoundError(f"{path} is not a torch.distributed.checkpoint folder (no .metadata)")
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        raise FileNotFoundError(
+            f"{path} is not a torch.distributed.checkpoint folder (no .metadata)"
+        )
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # an unpickling error of any type
+        raise ValueError(f"{path}/.metadata: not readable ({type(e).__name__}: {e})") from e
     state = {
         key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
