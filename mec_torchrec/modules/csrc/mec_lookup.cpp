@@ -1,244 +1,427 @@
 // Fused MEC pooled lookup on CPU: reads codes[id, l] inside the pooling loop, so the L-fold
-// code ids of the remap path never exist in memory. Forward is parallel over samples (output
-// rows); backward accumulates each inner table's gradient in one task (parallel over inner
-// tables: no races, no per-thread buffers).
+// code ids of the remap path never exist in memory.
+//
+// Both passes go feature by feature (one feature's codebooks, ids and offsets stay hot in cache)
+// and run a kernel specialised at compile time for the feature's code type, L and D / L: a bag's
+// pooled row is summed in vector registers and stored once (forward), and a bag's output gradient
+// is loaded into registers once and added to the L codebook rows of each id (backward). Other
+// shapes take a generic loop. Forward is parallel over samples; backward over groups of features
+// that share inner tables (no two tasks write one gradient, no per-thread buffers).
 //
 // Plan (per outer feature f, in outer order; lookup features j in lookup order):
 //   feat_start[F+1]: f's lookup features are [feat_start[f], feat_start[f+1])
 //   feat_code[F]:    index into `codes` (-1: full table, ids read the table directly)
 //   feat_mean[F]:    1 if MEAN pooled
 //   lk_table/lk_dim/lk_col[J]: inner table, dim and first output column of lookup feature j
+//   lk_feat[J]:      outer feature of lookup feature j
 //   table_ptr[T+1] / table_lk: the lookup features reading each inner table (CSR)
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <numeric>
+#include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define MEC_CLONES __attribute__((target_clones("avx2", "default")))
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+// Each kernel is compiled for AVX-512 (x86-64-v4), AVX2 + FMA (v3) and the baseline; the loader
+// picks the best the CPU has, so one build runs on any x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MEC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MEC_CLONES
 #endif
 
 namespace {
 
-struct CodeView {
-  const void* ptr = nullptr;
-  int64_t L = 0;
-  int kind = 0;  // 0 uint8, 1 int16, 2 int32, 3 int64
+// 8 or 4 floats in a register (GCC/clang vector extension); memory is read and written through
+// load / store, which allow any 4-byte alignment.
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+template <int S>
+using Vec = std::conditional_t<S % 8 == 0, v8, v4>;
+
+template <typename V>
+__attribute__((always_inline)) inline V load(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+__attribute__((always_inline)) inline void store(float* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// A store that bypasses the caches (no read of the line first), for 16-byte aligned output.
+template <typename V>
+__attribute__((always_inline)) inline void stream(float* p, V v) {
+#if defined(__x86_64__)
+  for (size_t h = 0; h < sizeof(V) / 16; ++h) {
+    __m128 x;
+    __builtin_memcpy(&x, reinterpret_cast<const char*>(&v) + 16 * h, 16);
+    _mm_stream_ps(p + 4 * h, x);
+  }
+#else
+  store(p, v);
+#endif
+}
+
+constexpr int kPrefetch = 16;  // ids ahead whose code row (or table row) is prefetched
+
+struct Full {};  // the "code type" of a full table: the id is the row
+
+// One outer feature, resolved for this call.
+struct Feature {
+  int64_t f = 0;
+  int kind = -1;          // -1 full table, else the code dtype: 0 uint8, 1 int16, 2 int32, 3 int64
+  const void* codes = nullptr;
+  int64_t code_cols = 1;  // L of the codes [N, L]
+  int64_t j0 = 0, j1 = 0; // its lookup features
+  int64_t sub = 0;        // floats per lookup feature when equal and adjacent in the output, else 0
+  int64_t col = 0;        // first output column
+  int64_t cols = 0;       // output columns
+  bool mean = false;
 };
 
-__attribute__((always_inline)) inline int64_t read_code(const CodeView& c, int64_t row, int64_t l) {
-  const int64_t at = row * c.L + l;
-  switch (c.kind) {
-    case 0: return static_cast<const uint8_t*>(c.ptr)[at];
-    case 1: return static_cast<const int16_t*>(c.ptr)[at];
-    case 2: return static_cast<const int32_t*>(c.ptr)[at];
-    default: return static_cast<const int64_t*>(c.ptr)[at];
+struct Bags {
+  const int64_t* id;
+  const int64_t* off;  // [F * B + 1]
+  const float* sw;     // per-id weights or nullptr
+  int64_t batch;
+};
+
+int code_kind(const torch::Tensor& c) {
+  switch (c.scalar_type()) {
+    case at::kByte: return 0;
+    case at::kShort: return 1;
+    case at::kInt: return 2;
+    case at::kLong: return 3;
+    default: TORCH_CHECK(false, "codes must be uint8, int16, int32 or int64, got ", c.scalar_type());
   }
 }
 
-// Start loading the code rows of ids[s:e] (codes are the big, cold array: N x L).
-inline void prefetch_codes(const CodeView& c, const int64_t* ids, int64_t s, int64_t e) {
-  const int64_t row_bytes = c.L << c.kind;  // element size 1 << kind
-  const char* base = static_cast<const char*>(c.ptr);
-  for (int64_t i = s; i < e; ++i) __builtin_prefetch(base + ids[i] * row_bytes);
+inline int64_t read_code(const void* codes, int kind, int64_t at) {
+  switch (kind) {
+    case 0: return static_cast<const uint8_t*>(codes)[at];
+    case 1: return static_cast<const int16_t*>(codes)[at];
+    case 2: return static_cast<const int32_t*>(codes)[at];
+    default: return static_cast<const int64_t*>(codes)[at];
+  }
 }
 
-std::vector<CodeView> code_views(const std::vector<torch::Tensor>& codes) {
-  std::vector<CodeView> out;
-  for (const auto& c : codes) {
-    TORCH_CHECK(c.dim() == 2 && c.is_contiguous() && c.device().is_cpu(), "codes must be contiguous CPU [N, L]");
-    CodeView v;
-    v.ptr = c.data_ptr();
-    v.L = c.size(1);
-    switch (c.scalar_type()) {
-      case at::kByte: v.kind = 0; break;
-      case at::kShort: v.kind = 1; break;
-      case at::kInt: v.kind = 2; break;
-      case at::kLong: v.kind = 3; break;
-      default: TORCH_CHECK(false, "codes must be uint8, int16, int32 or int64");
+std::vector<Feature> features(const std::vector<torch::Tensor>& codes,
+                              const std::vector<int64_t>& feat_start,
+                              const std::vector<int64_t>& feat_code,
+                              const std::vector<int64_t>& feat_mean,
+                              const std::vector<int64_t>& lk_dim,
+                              const std::vector<int64_t>& lk_col) {
+  std::vector<Feature> out(feat_code.size());
+  for (size_t f = 0; f < out.size(); ++f) {
+    Feature& ft = out[f];
+    ft.f = static_cast<int64_t>(f);
+    ft.j0 = feat_start[f];
+    ft.j1 = feat_start[f + 1];
+    ft.mean = feat_mean[f] != 0;
+    ft.col = lk_col[ft.j0];
+    ft.cols = lk_col[ft.j1 - 1] + lk_dim[ft.j1 - 1] - ft.col;
+    ft.sub = lk_dim[ft.j0];
+    for (int64_t j = ft.j0; j < ft.j1; ++j) {
+      if (lk_dim[j] != ft.sub || lk_col[j] != ft.col + (j - ft.j0) * ft.sub) ft.sub = 0;
     }
-    out.push_back(v);
+    if (feat_code[f] >= 0) {
+      const auto& c = codes[feat_code[f]];
+      TORCH_CHECK(c.dim() == 2 && c.is_contiguous() && c.device().is_cpu() &&
+                      c.size(1) == ft.j1 - ft.j0,
+                  "codes must be contiguous CPU [N, L] with L = the feature's subspaces");
+      ft.kind = code_kind(c);
+      ft.codes = c.data_ptr();
+      ft.code_cols = c.size(1);
+    }
   }
   return out;
 }
 
-template <int64_t D>
-__attribute__((always_inline)) inline void axpy_fixed(float* __restrict__ out, const float* __restrict__ row, float w) {
-  for (int64_t k = 0; k < D; ++k) out[k] += w * row[k];
-}
-
-// out[0:dim] += w * row[0:dim]; the usual dims unrolled at compile time.
-__attribute__((always_inline)) inline void axpy(float* __restrict__ out, const float* __restrict__ row,
-                                                 int64_t dim, float w) {
-  switch (dim) {
-    case 4: return axpy_fixed<4>(out, row, w);
-    case 8: return axpy_fixed<8>(out, row, w);
-    case 16: return axpy_fixed<16>(out, row, w);
-    case 32: return axpy_fixed<32>(out, row, w);
-    case 64: return axpy_fixed<64>(out, row, w);
-    case 128: return axpy_fixed<128>(out, row, w);
-    default:
-      for (int64_t k = 0; k < dim; ++k) out[k] += w * row[k];
+template <typename Code>
+__attribute__((always_inline)) inline int64_t code_at(const Code* codes, int64_t row, int64_t l,
+                                                      int64_t L) {
+  if constexpr (std::is_same_v<Code, Full>) {
+    return row;
+  } else {
+    return static_cast<int64_t>(codes[row * L + l]);
   }
 }
 
-inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t dim) {
-  float s = 0.f;
-  for (int64_t k = 0; k < dim; ++k) s += a[k] * b[k];
-  return s;
+template <typename Code, int S>
+__attribute__((always_inline)) inline void prefetch_row(const Code* codes, const float* table,
+                                                        int64_t row, int64_t L) {
+  if constexpr (std::is_same_v<Code, Full>) {
+    for (int k = 0; k < S; k += 16) __builtin_prefetch(table + row * S + k);
+  } else {
+    __builtin_prefetch(codes + row * L);
+  }
+}
+
+// Pooled rows of samples [b0, b1) of one feature: L lookup features of S floats each.
+template <typename Code, int L, int S>
+MEC_CLONES void pool_fast(const Feature& ft, const float* const* tables, const Bags& bags,
+                          int64_t b0, int64_t b1, float* out, int64_t stride) {
+  using V = Vec<S>;
+  constexpr int W = sizeof(V) / sizeof(float);
+  constexpr int N = S / W;
+  const Code* codes = static_cast<const Code*>(ft.codes);
+  const float* tab[L];
+  for (int l = 0; l < L; ++l) tab[l] = tables[l];
+  const int64_t* off = bags.off + ft.f * bags.batch;
+  const int64_t* id = bags.id;
+  const int64_t last = off[bags.batch];
+  const bool aligned = reinterpret_cast<uintptr_t>(out) % 16 == 0 && stride % 4 == 0 && ft.col % 4 == 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t s = off[b], e = off[b + 1];
+    V acc[L * N] = {};
+    for (int64_t i = s; i < e; ++i) {
+      if (i + kPrefetch < last) prefetch_row<Code, S>(codes, tab[0], id[i + kPrefetch], L);
+      const int64_t row = id[i];
+      const float w = bags.sw ? bags.sw[i] : 1.f;
+      for (int l = 0; l < L; ++l) {
+        const float* r = tab[l] + code_at(codes, row, l, L) * S;
+        for (int n = 0; n < N; ++n) acc[l * N + n] += w * load<V>(r + n * W);
+      }
+    }
+    if (ft.mean && e > s) {
+      const float scale = 1.f / static_cast<float>(e - s);
+      for (int x = 0; x < L * N; ++x) acc[x] *= scale;
+    }
+    float* o = out + b * stride + ft.col;
+    if (aligned) {
+      for (int x = 0; x < L * N; ++x) stream(o + x * W, acc[x]);
+    } else {
+      for (int x = 0; x < L * N; ++x) store(o + x * W, acc[x]);
+    }
+  }
+}
+
+// Adds the output gradient of every bag of one feature to the rows its ids read.
+template <typename Code, int L, int S>
+MEC_CLONES void scatter_fast(const Feature& ft, float* const* grads, const Bags& bags,
+                             const float* g, int64_t g_stride) {
+  using V = Vec<S>;
+  constexpr int W = sizeof(V) / sizeof(float);
+  constexpr int N = S / W;
+  const Code* codes = static_cast<const Code*>(ft.codes);
+  float* grad[L];
+  for (int l = 0; l < L; ++l) grad[l] = grads[l];
+  const int64_t* off = bags.off + ft.f * bags.batch;
+  const int64_t* id = bags.id;
+  const int64_t last = off[bags.batch];
+  for (int64_t b = 0; b < bags.batch; ++b) {
+    const int64_t s = off[b], e = off[b + 1];
+    if (s == e) continue;
+    const float scale = ft.mean ? 1.f / static_cast<float>(e - s) : 1.f;
+    const float* g_row = g + b * g_stride + ft.col;
+    V gv[L * N];
+    for (int x = 0; x < L * N; ++x) gv[x] = scale * load<V>(g_row + x * W);
+    for (int64_t i = s; i < e; ++i) {
+      if (i + kPrefetch < last) {
+        prefetch_row<Code, S>(codes, grad[0], id[i + kPrefetch], L);
+      }
+      const int64_t row = id[i];
+      const float w = bags.sw ? bags.sw[i] : 1.f;
+      for (int l = 0; l < L; ++l) {
+        float* r = grad[l] + code_at(codes, row, l, L) * S;
+        for (int n = 0; n < N; ++n) store(r + n * W, load<V>(r + n * W) + w * gv[l * N + n]);
+      }
+    }
+  }
+}
+
+// Any shape: lookup features of any dims and columns, any code dtype.
+void pool_generic(const Feature& ft, const float* const* tables, const int64_t* dims,
+                  const int64_t* cols, const Bags& bags, int64_t b0, int64_t b1, float* out,
+                  int64_t stride) {
+  const int64_t* off = bags.off + ft.f * bags.batch;
+  for (int64_t b = b0; b < b1; ++b) {
+    float* o = out + b * stride;
+    std::fill(o + ft.col, o + ft.col + ft.cols, 0.f);
+    const int64_t s = off[b], e = off[b + 1];
+    for (int64_t i = s; i < e; ++i) {
+      const float w = bags.sw ? bags.sw[i] : 1.f;
+      for (int64_t l = 0; l < ft.j1 - ft.j0; ++l) {
+        const int64_t row = ft.kind < 0 ? bags.id[i]
+                                        : read_code(ft.codes, ft.kind, bags.id[i] * ft.code_cols + l);
+        const float* r = tables[l] + row * dims[l];
+        float* dst = o + cols[l];
+        for (int64_t k = 0; k < dims[l]; ++k) dst[k] += w * r[k];
+      }
+    }
+    if (ft.mean && e > s) {
+      const float scale = 1.f / static_cast<float>(e - s);
+      for (int64_t k = ft.col; k < ft.col + ft.cols; ++k) o[k] *= scale;
+    }
+  }
+}
+
+void scatter_generic(const Feature& ft, float* const* grads, const int64_t* dims,
+                     const int64_t* cols, const Bags& bags, const float* g, int64_t g_stride) {
+  const int64_t* off = bags.off + ft.f * bags.batch;
+  for (int64_t b = 0; b < bags.batch; ++b) {
+    const int64_t s = off[b], e = off[b + 1];
+    if (s == e) continue;
+    const float scale = ft.mean ? 1.f / static_cast<float>(e - s) : 1.f;
+    const float* g_row = g + b * g_stride;
+    for (int64_t i = s; i < e; ++i) {
+      const float w = bags.sw ? bags.sw[i] * scale : scale;
+      for (int64_t l = 0; l < ft.j1 - ft.j0; ++l) {
+        const int64_t row = ft.kind < 0 ? bags.id[i]
+                                        : read_code(ft.codes, ft.kind, bags.id[i] * ft.code_cols + l);
+        float* r = grads[l] + row * dims[l];
+        const float* src = g_row + cols[l];
+        for (int64_t k = 0; k < dims[l]; ++k) r[k] += w * src[k];
+      }
+    }
+  }
+}
+
+using PoolFn = void (*)(const Feature&, const float* const*, const Bags&, int64_t, int64_t,
+                        float*, int64_t);
+using ScatterFn = void (*)(const Feature&, float* const*, const Bags&, const float*, int64_t);
+
+struct Kernels {
+  PoolFn pool = nullptr;
+  ScatterFn scatter = nullptr;
+};
+
+template <typename Code, int L, int S>
+Kernels kernels() {
+  return {&pool_fast<Code, L, S>, &scatter_fast<Code, L, S>};
+}
+
+template <typename Code>
+Kernels compressed_kernels(int64_t L, int64_t S) {
+  // The shapes of D / L in {4, ..., 64} with L * (D / L) <= 128 floats (registers).
+#define MEC_CASE(l, s) \
+  if (L == l && S == s) return kernels<Code, l, s>();
+  MEC_CASE(2, 4) MEC_CASE(2, 8) MEC_CASE(2, 16) MEC_CASE(2, 32) MEC_CASE(2, 64)
+  MEC_CASE(4, 4) MEC_CASE(4, 8) MEC_CASE(4, 16) MEC_CASE(4, 32)
+  MEC_CASE(8, 4) MEC_CASE(8, 8) MEC_CASE(8, 16)
+  MEC_CASE(16, 4) MEC_CASE(16, 8)
+#undef MEC_CASE
+  return {};
+}
+
+// The specialised kernels of a feature, or nulls for the generic loops.
+Kernels select(const Feature& ft) {
+  if (ft.sub == 0) return {};
+  if (ft.kind < 0) {
+    switch (ft.sub) {
+      case 4: return kernels<Full, 1, 4>();
+      case 8: return kernels<Full, 1, 8>();
+      case 16: return kernels<Full, 1, 16>();
+      case 32: return kernels<Full, 1, 32>();
+      case 64: return kernels<Full, 1, 64>();
+      case 128: return kernels<Full, 1, 128>();
+      default: return {};
+    }
+  }
+  if (ft.kind == 0) return compressed_kernels<uint8_t>(ft.j1 - ft.j0, ft.sub);
+  if (ft.kind == 1) return compressed_kernels<int16_t>(ft.j1 - ft.j0, ft.sub);
+  return {};
 }
 
 void check_inputs(const torch::Tensor& ids, const torch::Tensor& offsets,
                   const c10::optional<torch::Tensor>& psw, int64_t num_bags) {
-  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.is_contiguous(), "ids: contiguous CPU int64");
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.numel() == num_bags + 1,
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.is_contiguous(),
+              "ids: contiguous CPU int64");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() &&
+                  offsets.numel() == num_bags + 1,
               "offsets: contiguous int64 of F * B + 1");
   if (psw.has_value()) {
-    TORCH_CHECK(psw->scalar_type() == at::kFloat && psw->is_contiguous() && psw->numel() == ids.numel(),
+    TORCH_CHECK(psw->scalar_type() == at::kFloat && psw->is_contiguous() &&
+                    psw->numel() == ids.numel(),
                 "per-sample weights: contiguous float32, one per id");
   }
 }
 
-std::vector<const float*> weight_ptrs(const std::vector<torch::Tensor>& weights) {
-  std::vector<const float*> out;
-  for (const auto& w : weights) {
-    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.device().is_cpu() && w.dim() == 2,
+// Per lookup feature j: the data of its inner table.
+template <typename T>
+std::vector<T*> per_lookup(const std::vector<torch::Tensor>& tensors,
+                           const std::vector<int64_t>& lk_table) {
+  for (const auto& w : tensors) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.device().is_cpu() &&
+                    w.dim() == 2,
                 "weights: contiguous CPU float32 [rows, dim]");
-    out.push_back(w.data_ptr<float>());
   }
+  std::vector<T*> out;
+  for (const int64_t t : lk_table) out.push_back(tensors[t].data_ptr<float>());
   return out;
 }
 
-struct Rows {
-  const int64_t* id;
-  const int64_t* off;
-  const float* sw;
-  const float* const* W;
-  const CodeView* C;
-  int64_t batch, total_dim, F;
-  const int64_t *feat_start, *feat_code, *feat_mean, *lk_table, *lk_dim, *lk_col;
-};
-
-// Output rows [begin, end). On x86-64 compiled for AVX2 and for the baseline, picked at load time.
-MEC_CLONES
-void forward_rows(const Rows& r, float* o_base, int64_t begin, int64_t end) {
-  const int64_t* id = r.id;
-  const int64_t* off = r.off;
-  const float* sw = r.sw;
-  const float* const* W = r.W;
-  const CodeView* C = r.C;
-  const int64_t batch = r.batch, total_dim = r.total_dim, F = r.F;
-  const int64_t *feat_start = r.feat_start, *feat_code = r.feat_code, *feat_mean = r.feat_mean;
-  const int64_t *lk_table = r.lk_table, *lk_dim = r.lk_dim, *lk_col = r.lk_col;
-  // Blocks of 32 samples (their output rows stay in L2), feature by feature within a block
-  // (the ids and offsets of a feature are read sequentially).
-  for (int64_t b0 = begin; b0 < end; b0 += 32) {
-    const int64_t b1 = std::min(end, b0 + 32);
-    std::fill(o_base + b0 * total_dim, o_base + b1 * total_dim, 0.f);
-    for (int64_t f = 0; f < F; ++f) {
-      if (feat_code[f] >= 0) prefetch_codes(C[feat_code[f]], id, off[f * batch + b0], off[f * batch + b1]);
-    }
-    for (int64_t f = 0; f < F; ++f) for (int64_t b = b0; b < b1; ++b) {
-      float* o = o_base + b * total_dim;
-      const int64_t fb = f * batch + b;
-      const int64_t s = off[fb], e = off[fb + 1];
-      if (s == e) continue;
-      const int64_t j0 = feat_start[f], j1 = feat_start[f + 1];
-      const int64_t ci = feat_code[f];
-      for (int64_t i = s; i < e; ++i) {
-        const float w = sw ? sw[i] : 1.f;
-        const int64_t row = id[i];
-        if (ci < 0) {
-          axpy(o + lk_col[j0], W[lk_table[j0]] + row * lk_dim[j0], lk_dim[j0], w);
-        } else {
-          const CodeView& cv = C[ci];
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t code = read_code(cv, row, j - j0);
-            axpy(o + lk_col[j], W[lk_table[j]] + code * lk_dim[j], lk_dim[j], w);
-          }
-        }
-      }
-      if (feat_mean[f]) {
-        const float scale = 1.f / static_cast<float>(e - s);
-        const int64_t c0 = lk_col[j0], c1 = lk_col[j1 - 1] + lk_dim[j1 - 1];
-        for (int64_t k = c0; k < c1; ++k) o[k] *= scale;
-      }
-    }
-  }
-}
-
 torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& offsets,
-                      const c10::optional<torch::Tensor>& psw, const std::vector<torch::Tensor>& weights,
+                      const c10::optional<torch::Tensor>& psw,
+                      const std::vector<torch::Tensor>& weights,
                       const std::vector<torch::Tensor>& codes, int64_t batch, int64_t total_dim,
                       const std::vector<int64_t>& feat_start, const std::vector<int64_t>& feat_code,
                       const std::vector<int64_t>& feat_mean, const std::vector<int64_t>& lk_table,
                       const std::vector<int64_t>& lk_dim, const std::vector<int64_t>& lk_col) {
   const int64_t F = static_cast<int64_t>(feat_code.size());
   check_inputs(ids, offsets, psw, F * batch);
-  // Row-major output, filled one sample (row) at a time: each output row is written once,
-  // sequentially, and nothing is zeroed twice.
+  const auto feats = features(codes, feat_start, feat_code, feat_mean, lk_dim, lk_col);
+  std::vector<Kernels> kern;
+  for (const auto& ft : feats) kern.push_back(select(ft));
+  const auto tables = per_lookup<const float>(weights, lk_table);
+  const Bags bags{ids.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                  psw.has_value() ? psw->data_ptr<float>() : nullptr, batch};
+  // Every output element is written once, by the kernel of its feature.
   auto out = torch::empty({batch, total_dim}, ids.options().dtype(at::kFloat));
-  const auto W = weight_ptrs(weights);
-  const auto C = code_views(codes);
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  const float* sw = psw.has_value() ? psw->data_ptr<float>() : nullptr;
-  float* o_base = out.data_ptr<float>();
-  const Rows rows{id, off, sw, W.data(), C.data(), batch, total_dim, F, feat_start.data(),
-                  feat_code.data(), feat_mean.data(), lk_table.data(), lk_dim.data(), lk_col.data()};
-  at::parallel_for(0, batch, 32, [&](int64_t begin, int64_t end) { forward_rows(rows, o_base, begin, end); });
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, batch, 256, [&](int64_t begin, int64_t end) {
+    for (const auto& ft : feats) {
+      const float* const* tab = tables.data() + ft.j0;
+      if (kern[ft.f].pool) {
+        kern[ft.f].pool(ft, tab, bags, begin, end, o, total_dim);
+      } else {
+        pool_generic(ft, tab, lk_dim.data() + ft.j0, lk_col.data() + ft.j0, bags, begin, end, o,
+                     total_dim);
+      }
+    }
+#if defined(__x86_64__)
+    _mm_sfence();
+#endif
+  });
   return out;
 }
 
-// Gradients of the lookup features ``mine`` (all readers of some inner tables), in blocks of
-// 32 samples: grad_out rows stay in cache, each feature's ids and offsets are read in order.
-MEC_CLONES
-void backward_tables(const Rows& r, const float* g_base, float* const* G, const int64_t* lk_feat,
-                     const std::vector<int64_t>& mine) {
-  const int64_t* id = r.id;
-  const int64_t* off = r.off;
-  const float* sw = r.sw;
-  const CodeView* C = r.C;
-  const int64_t batch = r.batch, total_dim = r.total_dim;
-  for (int64_t b0 = 0; b0 < batch; b0 += 32) {
-    const int64_t b1 = std::min(batch, b0 + 32);
-    for (const int64_t j : mine) {
-      const int64_t f = lk_feat[j];
-      if (r.feat_code[f] >= 0 && j == r.feat_start[f]) {
-        prefetch_codes(C[r.feat_code[f]], id, off[f * batch + b0], off[f * batch + b1]);
-      }
-    }
-    // Runs of consecutive lookup features of one outer feature (its subspaces): each id's
-    // offsets, weight and code row are read once for all of them.
-    for (size_t x0 = 0; x0 < mine.size();) {
-      const int64_t f = lk_feat[mine[x0]];
-      size_t x1 = x0 + 1;
-      while (x1 < mine.size() && lk_feat[mine[x1]] == f && mine[x1] == mine[x1 - 1] + 1) ++x1;
-      const int64_t j0 = mine[x0], nj = static_cast<int64_t>(x1 - x0);
-      const int64_t l0 = j0 - r.feat_start[f];
-      const int64_t ci = r.feat_code[f];
-      const bool mean = r.feat_mean[f] != 0;
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t s = off[f * batch + b], e = off[f * batch + b + 1];
-        if (s == e) continue;
-        const float scale = mean ? 1.f / static_cast<float>(e - s) : 1.f;
-        const float* g_row = g_base + b * total_dim;
-        for (int64_t i = s; i < e; ++i) {
-          const float w = sw ? sw[i] * scale : scale;
-          for (int64_t k = 0; k < nj; ++k) {
-            const int64_t j = j0 + k;
-            const int64_t row = ci < 0 ? id[i] : read_code(C[ci], id[i], l0 + k);
-            axpy(G[r.lk_table[j]] + row * r.lk_dim[j], g_row + r.lk_col[j], r.lk_dim[j], w);
-          }
-        }
-      }
-      x0 = x1;
+// Features that share an inner table, as groups (union-find over the tables' readers).
+std::vector<std::vector<int64_t>> table_groups(int64_t F, const std::vector<int64_t>& lk_feat,
+                                               const std::vector<int64_t>& table_ptr,
+                                               const std::vector<int64_t>& table_lk) {
+  std::vector<int64_t> parent(F);
+  std::iota(parent.begin(), parent.end(), 0);
+  auto root = [&](int64_t x) {
+    while (parent[x] != x) x = parent[x] = parent[parent[x]];
+    return x;
+  };
+  for (size_t t = 0; t + 1 < table_ptr.size(); ++t) {
+    for (int64_t x = table_ptr[t] + 1; x < table_ptr[t + 1]; ++x) {
+      parent[root(lk_feat[table_lk[x]])] = root(lk_feat[table_lk[table_ptr[t]]]);
     }
   }
+  std::vector<std::vector<int64_t>> groups;
+  std::vector<int64_t> index(F, -1);
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t r = root(f);
+    if (index[r] < 0) {
+      index[r] = static_cast<int64_t>(groups.size());
+      groups.emplace_back();
+    }
+    groups[index[r]].push_back(f);
+  }
+  return groups;
 }
 
 std::vector<torch::Tensor> backward(
@@ -250,7 +433,6 @@ std::vector<torch::Tensor> backward(
     const std::vector<int64_t>& lk_col, const std::vector<int64_t>& lk_feat,
     const std::vector<int64_t>& table_ptr, const std::vector<int64_t>& table_lk, bool psw_grad) {
   const int64_t F = static_cast<int64_t>(feat_code.size());
-  const int64_t T = static_cast<int64_t>(weights.size());
   check_inputs(ids, offsets, psw, F * batch);
   // Read grad_out in place where its rows are contiguous; a row-broadcast gradient (e.g. of
   // out.sum()) is read as one row with row stride 0 instead of being materialised.
@@ -263,49 +445,69 @@ std::vector<torch::Tensor> backward(
     grad_out = grad_out.contiguous();
     g_stride = grad_out.size(1);
   }
-  // Rows.total_dim below is the grad_out row stride.
-  const int64_t total_dim = g_stride;
-  const auto W = weight_ptrs(weights);
-  const auto C = code_views(codes);
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  const float* sw = psw.has_value() ? psw->data_ptr<float>() : nullptr;
-  const float* g_base = grad_out.data_ptr<float>();
+  const float* g = grad_out.data_ptr<float>();
+  const auto feats = features(codes, feat_start, feat_code, feat_mean, lk_dim, lk_col);
+  const auto tables = per_lookup<const float>(weights, lk_table);
   std::vector<torch::Tensor> grads;
-  std::vector<float*> G;
-  for (const auto& w : weights) {
-    grads.push_back(torch::zeros_like(w));
-    G.push_back(grads.back().data_ptr<float>());
+  for (const auto& w : weights) grads.push_back(torch::zeros_like(w));
+  const auto grad_ptrs = per_lookup<float>(grads, lk_table);
+  const Bags bags{ids.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                  psw.has_value() ? psw->data_ptr<float>() : nullptr, batch};
+  // Groups go to threads largest first (cost: ids x columns), each to the least loaded thread.
+  const auto groups = table_groups(F, lk_feat, table_ptr, table_lk);
+  const int64_t* off = bags.off;
+  auto cost = [&](const std::vector<int64_t>& group) {
+    int64_t c = 0;
+    for (const int64_t f : group) c += (off[(f + 1) * batch] - off[f * batch] + batch) * feats[f].cols;
+    return c;
+  };
+  std::vector<size_t> order(groups.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return cost(groups[a]) > cost(groups[b]); });
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                static_cast<int64_t>(groups.size())));
+  std::vector<std::vector<int64_t>> part_features(parts);
+  std::vector<int64_t> load(parts, 0);
+  for (const size_t x : order) {
+    const auto p = std::min_element(load.begin(), load.end()) - load.begin();
+    load[p] += cost(groups[x]);
+    part_features[p].insert(part_features[p].end(), groups[x].begin(), groups[x].end());
   }
-  // Each task owns a contiguous range of inner tables: no two tasks write one gradient.
-  const Rows rows{id, off, sw, W.data(), C.data(), batch, total_dim, F, feat_start.data(),
-                  feat_code.data(), feat_mean.data(), lk_table.data(), lk_dim.data(), lk_col.data()};
-  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> mine;
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t x = table_ptr[t]; x < table_ptr[t + 1]; ++x) mine.push_back(table_lk[x]);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (const int64_t f : part_features[p]) {
+        const Feature& ft = feats[f];
+        float* const* gr = grad_ptrs.data() + ft.j0;
+        const Kernels k = select(ft);
+        if (k.scatter) {
+          k.scatter(ft, gr, bags, g, g_stride);
+        } else {
+          scatter_generic(ft, gr, lk_dim.data() + ft.j0, lk_col.data() + ft.j0, bags, g, g_stride);
+        }
+      }
     }
-    std::sort(mine.begin(), mine.end());
-    backward_tables(rows, g_base, G.data(), lk_feat.data(), mine);
   });
   torch::Tensor gsw;
-  if (psw_grad && sw) {
+  if (psw_grad && bags.sw) {
     gsw = torch::zeros_like(*psw);
     float* gs = gsw.data_ptr<float>();
     at::parallel_for(0, F * batch, 64, [&](int64_t begin, int64_t end) {
       for (int64_t fb = begin; fb < end; ++fb) {
-        const int64_t f = fb / batch, b = fb % batch;
+        const Feature& ft = feats[fb / batch];
         const int64_t s = off[fb], e = off[fb + 1];
         if (s == e) continue;
-        const float scale = feat_mean[f] ? 1.f / static_cast<float>(e - s) : 1.f;
-        const int64_t j0 = feat_start[f], j1 = feat_start[f + 1];
-        const int64_t ci = feat_code[f];
-        const float* g = g_base + b * total_dim;
+        const float scale = ft.mean ? 1.f / static_cast<float>(e - s) : 1.f;
+        const float* g_row = g + (fb % batch) * g_stride;
         for (int64_t i = s; i < e; ++i) {
           float acc = 0.f;
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t row = ci < 0 ? id[i] : read_code(C[ci], id[i], j - j0);
-            acc += dot(g + lk_col[j], W[lk_table[j]] + row * lk_dim[j], lk_dim[j]);
+          for (int64_t j = ft.j0; j < ft.j1; ++j) {
+            const int64_t l = j - ft.j0;
+            const int64_t row = ft.kind < 0
+                                    ? bags.id[i]
+                                    : read_code(ft.codes, ft.kind, bags.id[i] * ft.code_cols + l);
+            const float* r = tables[j] + row * lk_dim[j];
+            for (int64_t k = 0; k < lk_dim[j]; ++k) acc += g_row[lk_col[j] + k] * r[k];
           }
           gs[i] = acc * scale;
         }
