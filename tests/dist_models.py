@@ -1,5 +1,7 @@
 """Small MEC models, batches and plans shared by the distributed tests (no process groups here)."""
 
+import dataclasses
+
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
@@ -16,8 +18,10 @@ from torchrec.distributed.sharding_plan import (
 )
 from torchrec.distributed.sharding_plan import get_default_sharders as torchrec_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from torchrec.modules.embedding_configs import PoolingType
 
 from mec_torchrec.distributed import MECEmbeddingBagCollectionSharder, make_planner
+from mec_torchrec.distributed.codes import codes_key, codes_sharding
 from mec_torchrec.modules import MECEmbeddingBagCollection, MECTableConfig
 from mec_torchrec.quantize import CompressedTable
 
@@ -150,3 +154,65 @@ def plan(kind: str, world_size: int, pg: torch.distributed.ProcessGroup | None =
         device_type="cpu",
     )
     return ShardingPlan({"sparse": module_plan})
+
+
+# -- sharded code tables (tests/test_distributed_codes*.py) --------------------------------------
+
+#: Compressed tables of `TABLES`, whose codes a codes plan places.
+COMPRESSED = list(COMPRESSION)
+
+
+def variant_tables(pooling: PoolingType) -> list[EmbeddingBagConfig]:
+    """`TABLES` with every table pooled by `pooling`."""
+    return [dataclasses.replace(t, pooling=pooling) for t in TABLES]
+
+
+def variant_mec(
+    seed: int | None, pooling: PoolingType, weighted: bool, device: torch.device | None = None
+) -> MECEmbeddingBagCollection:
+    """`reference_mec(seed)` with another pooling and/or weighted input (not filled if None)."""
+    mec = MECEmbeddingBagCollection(
+        variant_tables(pooling), COMPRESSION, device=device, is_weighted=weighted
+    )
+    if seed is not None:
+        reference = reference_mec(seed)
+        mec.load_state_dict(reference.state_dict())
+    return mec
+
+
+def weighted(features: KeyedJaggedTensor, seed: int) -> KeyedJaggedTensor:
+    """`features` with a random positive weight per id."""
+    g = torch.Generator().manual_seed(seed)
+    return KeyedJaggedTensor(
+        keys=features.keys(),
+        values=features.values(),
+        lengths=features.lengths(),
+        weights=torch.rand(features.values().numel(), generator=g) + 0.5,
+    )
+
+
+def spread_features(batch_size: int = BATCH_SIZE, empty: bool = False) -> KeyedJaggedTensor:
+    """Ids spread evenly over each table (both ends and every row block of 2 or 3 ranks), bags
+    of 0-4 ids with empty ones; every bag empty if `empty`."""
+    sizes = {f: t.num_embeddings for t in TABLES for f in t.feature_names}
+    pattern = torch.tensor([4, 0, 1, 3, 0, 2, 4, 1] * batch_size)[:batch_size]
+    lengths = torch.zeros_like(pattern) if empty else pattern
+    values = [
+        torch.linspace(0, sizes[f] - 1, int(lengths.sum())).round().long() for f in FEATURES
+    ]
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=FEATURES, values=torch.cat(values), lengths=lengths.repeat(len(FEATURES))
+    )
+
+
+def with_codes(base: ShardingPlan, codes_kind: str, world_size: int, owner: int = 1) -> ShardingPlan:
+    """`base` plus entries placing every compressed table's codes `codes_kind` (table_wise on
+    rank `owner`, row_wise over all ranks)."""
+    sizes = {t.name: t.num_embeddings for t in TABLES}
+    ranks = [owner % world_size] if codes_kind == "table_wise" else list(range(world_size))
+    module_plan = base.plan["sparse"]
+    for name in COMPRESSED:
+        module_plan[codes_key(name)] = codes_sharding(
+            sizes[name], COMPRESSION[name].num_subspaces, codes_kind, ranks
+        )
+    return base

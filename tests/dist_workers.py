@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from dist_harness import CheckRecorder
 from dist_models import (
+    COMPRESSED,
     COMPRESSION,
     LR,
     TABLES,
@@ -21,11 +22,16 @@ from dist_models import (
     reference_mec,
     reference_model,
     sharders,
+    spread_features,
+    variant_mec,
+    weighted,
+    with_codes,
 )
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import LazyAwaitable, ShardingEnv
+from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedTensor
@@ -201,3 +207,133 @@ def load_checkpoint(checkpoint: str, kind: str, seed: int) -> None:
     loaded = dmp.state_dict()
     for name, codes in reference.sparse.codes.named_buffers():
         assert torch.equal(loaded[f"sparse.codes.{name}"], codes), name
+
+
+# -- sharded code tables (tests/test_distributed_codes*.py) --------------------------------------
+
+
+def wrap_codes(
+    kind: str,
+    codes_kind: str,
+    seed: int | None,
+    pooling: PoolingType = PoolingType.SUM,
+    is_weighted: bool = False,
+) -> DistributedModelParallel:
+    """`wrap` with codebooks planned `kind` and the compressed tables' codes `codes_kind`."""
+    meta = torch.device("meta")
+    model = TinyModel(variant_mec(None, pooling, is_weighted, device=meta), device=meta)
+    world = dist.get_world_size()
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=CPU,
+        plan=with_codes(plan(kind, world, dist.group.WORLD), codes_kind, world),
+        sharders=sharders(),
+    )
+    if seed is not None:
+        load_mec_state(dmp, reference_model(seed).state_dict())
+    return dmp
+
+
+def assert_close_to_full(value: torch.Tensor, full: torch.Tensor, key: str) -> None:
+    """This rank's part of a state-dict entry equals the matching slice of the full tensor."""
+    if not isinstance(value, ShardedTensor):
+        torch.testing.assert_close(value, full, rtol=1e-5, atol=1e-6, msg=key)
+        return
+    for shard in value.local_shards():
+        (r, c), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+        want = full[r : r + rows, c : c + cols]
+        torch.testing.assert_close(shard.tensor, want, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def check_codes_forward(kind: str, codes_kind: str, pooling: PoolingType, is_weighted: bool) -> None:
+    dmp = wrap_codes(kind, codes_kind, SEED, pooling, is_weighted)
+    reference = variant_mec(SEED, pooling, is_weighted)
+    rank = dist.get_rank()
+    inputs = [
+        spread_features(),
+        batch(100 + 10 * rank).sparse_features,
+        spread_features(empty=rank == 1),  # rank 1 sends no ids, others do
+    ]
+    for i, features in enumerate(inputs):
+        if is_weighted:
+            features = weighted(features, 50 + 10 * rank + i)
+        out = dmp.module.sparse(features)
+        got = (out.wait() if isinstance(out, LazyAwaitable) else out).to_dict()
+        want = reference(features).to_dict()
+        assert sorted(got) == sorted(want), (list(got), list(want))
+        for feature, tensor in want.items():
+            torch.testing.assert_close(got[feature], tensor, rtol=1e-5, atol=1e-6)
+    sparse = dmp.module.sparse
+    for table in COMPRESSED:  # each rank holds its rows only
+        full = sparse.codes.full_shape(table)
+        start, rows = sparse.codes.local_rows(table)
+        assert getattr(sparse.codes, table).shape == (rows, full[1])
+        want = reference.codes.get_buffer(table)[start : start + rows]
+        assert torch.equal(getattr(sparse.codes, table), want), table
+        if codes_kind == "table_wise":
+            assert rows == (full[0] if rank == 1 % dist.get_world_size() else 0)
+        else:
+            assert rows <= -(-full[0] // dist.get_world_size())
+
+
+def check_codes_training(kind: str, codes_kind: str) -> None:
+    """3 steps on each rank's batch equal 3 unsharded SGD steps on the mean of the ranks' losses
+    (DDP averages dense and data-parallel gradients; TorchRec's output all-to-all divides
+    model-parallel tables' gradients by the world size)."""
+    dmp = wrap_codes(kind, codes_kind, SEED)
+    reference = reference_model(SEED)
+    opt = optimizer(dmp)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    for step in range(3):
+        loss, _ = dmp(batch(300 + 10 * rank + step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mean = sum(reference(batch(300 + 10 * r + step))[0] for r in range(world)) / world
+        mean.backward()
+        with torch.no_grad():
+            for param in reference.parameters():
+                param -= LR * param.grad
+                param.grad = None
+    after, want = dmp.state_dict(), reference.state_dict()
+    keys = [k for k in want if k.startswith("sparse.codebooks.")]
+    for key in keys:
+        assert_close_to_full(after[key], want[key], key)
+    for key in (k for k in want if k.startswith("sparse.codes.")):
+        assert_close_to_full(after[key], want[key], key)
+
+
+def check_codes_load_tables(kind: str, codes_kind: str) -> None:
+    dmp = wrap_codes(kind, codes_kind, None)
+    load_mec_state(dmp, compressed_tables(SEED))
+    features = spread_features()
+    out = dmp.module.sparse(features)
+    got = (out.wait() if isinstance(out, LazyAwaitable) else out).to_dict()
+    want = reference_mec(SEED)(features).to_dict()
+    for feature in ("f_a", "f_a2", "f_b"):  # compressed features only: t_c was not given
+        torch.testing.assert_close(got[feature], want[feature], rtol=1e-5, atol=1e-6)
+
+
+def check_codes_state_dict(kind: str, codes_kind: str) -> None:
+    state = wrap_codes(kind, codes_kind, SEED).state_dict()
+    reference = reference_mec(SEED)
+    for table in COMPRESSED:
+        value = state[f"sparse.codes.{table}"]
+        assert isinstance(value, ShardedTensor), type(value)
+        assert tuple(value.size()) == tuple(reference.codes.get_buffer(table).shape)
+        assert_close_to_full(value, reference.codes.get_buffer(table), table)
+
+
+def codes_body(recorder: CheckRecorder, cases: list[tuple[str, ...]]) -> None:
+    """Runs `(check, codebook kind, codes kind, ...)` cases; check names join the fields by ':'."""
+    checks = {
+        "forward": lambda kind, codes, pooling, w: check_codes_forward(
+            kind, codes, PoolingType[pooling], w == "weighted"
+        ),
+        "training": check_codes_training,
+        "load_tables": check_codes_load_tables,
+        "state_dict": check_codes_state_dict,
+    }
+    for case in cases:
+        recorder.run(":".join(case), checks[case[0]], *case[1:])

@@ -44,6 +44,12 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from mec_torchrec.distributed.codes import (
+    CODES_SHARDING_TYPES,
+    RemoteCodeSource,
+    ShardedCodes,
+    split_plan,
+)
 from mec_torchrec.distributed.regroup import ShardedRegroup, regrouped
 from mec_torchrec.modules import MECEmbeddingBagCollection
 
@@ -120,26 +126,45 @@ class ShardedMECEmbeddingBagCollection(
         super().__init__(qcomm_codecs_registry=ebc_sharder.qcomm_codecs_registry)
         self._env = env
         self._device = device
+        codebook_plan, codes_plan = split_plan(table_name_to_parameter_sharding)
         unsupported = {
             name: ps.sharding_type
-            for name, ps in table_name_to_parameter_sharding.items()
+            for name, ps in codebook_plan.items()
             if ps.sharding_type not in SUPPORTED_SHARDING_TYPES
         }
+        unsupported.update(
+            (f"codes.{name}", ps.sharding_type)
+            for name, ps in codes_plan.items()
+            if ps.sharding_type not in CODES_SHARDING_TYPES
+        )
         if unsupported:
             raise ValueError(
-                f"MEC codebook tables {unsupported} use unsupported sharding types; "
-                f"expected one of {SUPPORTED_SHARDING_TYPES}"
+                f"MEC tables {unsupported} use unsupported sharding types; expected one of "
+                f"{SUPPORTED_SHARDING_TYPES} for codebooks, {CODES_SHARDING_TYPES} for codes"
             )
-        _check_mean_pooling(module, table_name_to_parameter_sharding)
-        # Meta codes stay meta here: DistributedModelParallel materializes (zero-fills) them and
-        # load_mec_state / load_state_dict fills them afterwards.
+        _check_mean_pooling(module, codebook_plan)
+        self._code_source: RemoteCodeSource | None = None
         on_meta = any(b.is_meta for b in module.codes.buffers())
-        self.codes: nn.Module = module.codes if on_meta else module.codes.to(device)
         if not on_meta and env.process_group is not None and env.world_size > 1:
-            _broadcast_codes(self.codes, env.process_group)
+            _broadcast_codes(module.codes, env.process_group)
+        if any(ps.sharding_type != ShardingType.DATA_PARALLEL.value for ps in codes_plan.values()):
+            if env.process_group is None:
+                raise ValueError("sharded MEC code tables need a process group in the env")
+            self.codes: nn.Module = ShardedCodes(
+                module.codes, codes_plan, env.process_group, device
+            )
+            self._code_source = RemoteCodeSource(module, self.codes)
+            # The sharded module keeps `module` alive (its remap); drop its full sharded codes.
+            for name in self.codes.sharded_tables:
+                full = getattr(module.codes, name)
+                module.codes.register_buffer(name, full.to("meta"), persistent=True)
+        else:
+            # Meta codes stay meta here: DistributedModelParallel materializes (zero-fills) them
+            # and load_mec_state / load_state_dict fills them afterwards.
+            self.codes = module.codes if on_meta else module.codes.to(device)
         self.codebooks: ShardedEmbeddingBagCollection = ebc_sharder.shard(
             module.codebooks,
-            table_name_to_parameter_sharding,
+            codebook_plan,
             env=env,
             device=device,
             module_fqn=append_prefix(module_fqn or "", "codebooks"),
@@ -147,7 +172,7 @@ class ShardedMECEmbeddingBagCollection(
         # remap/regroup read only the module's configuration and its `codes` container (shared
         # with self.codes above); the module is kept outside the nn.Module tree so its unsharded
         # codebooks are neither registered here nor saved twice.
-        self._remap: Callable[[KeyedJaggedTensor], KeyedJaggedTensor] = module.remap
+        self._remap: Callable[..., KeyedJaggedTensor] = module.remap
         self._regroup = ShardedRegroup(module.regroup)
 
     def create_context(self) -> EmbeddingBagCollectionContext:
@@ -156,9 +181,10 @@ class ShardedMECEmbeddingBagCollection(
     def input_dist(  # type: ignore[override]
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
-        """Remaps ids to code ids locally, then runs the stock input all-to-all on code ids."""
+        """Remaps ids to code ids (locally, or on the ranks owning sharded codes), then runs the
+        stock input all-to-all on code ids."""
         with torch.no_grad():
-            code_ids = self._remap(features)
+            code_ids = self._remap(features, self._code_source)
         return self.codebooks.input_dist(ctx, code_ids)
 
     def compute(
@@ -188,10 +214,15 @@ class ShardedMECEmbeddingBagCollection(
         codes: torch.Tensor | None = getattr(self.codes, name, None)
         if codes is None:
             raise KeyError(f"no compressed table {name!r} in this MEC module")
-        if table.codes.shape != codes.shape:
+        shape = (
+            self.codes.full_shape(name)
+            if isinstance(self.codes, ShardedCodes)
+            else tuple(codes.shape)
+        )
+        if tuple(table.codes.shape) != shape:
             raise ValueError(
                 f"table {name!r}: codes shape {tuple(table.codes.shape)}, expected "
-                f"{tuple(codes.shape)} (rows, subspaces)"
+                f"{shape} (rows, subspaces)"
             )
         state = {f"codes.{name}": table.codes}
         for subspace in range(table.codebooks.shape[0]):
