@@ -155,3 +155,39 @@ def test_gradient_layouts(loss: str) -> None:
             (out * torch.linspace(0, 1, out.shape[1])).sum().backward()
     for (name, p), (_, q) in zip(fused_mec.named_parameters(), tbe_mec.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def _specialised_tables(pooling: PoolingType) -> list[EmbeddingBagConfig]:
+    # Shapes the kernel specialises (L x D/L: 4 x 16 uint8, 2 x 8 int16 codes, 8 x 4; full
+    # tables of D 8 and 32), beside a generic one (3 x 2) whose odd width unaligns the columns.
+    def table(name: str, dim: int, rows: int, features: list[str]) -> EmbeddingBagConfig:
+        return EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=rows,
+                                  feature_names=features, pooling=pooling)
+    return [table("p", 64, 300, ["p1", "p2"]), table("q", 16, 200, ["q"]),
+            table("r", 32, 100, ["r"]), table("s", 8, 9, ["s"]), table("u", 32, 5, ["u"]),
+            table("v", 6, 50, ["v"])]
+
+
+SPECIALISED = {"p": MECTableConfig(4, 256), "q": MECTableConfig(2, 300),
+               "r": MECTableConfig(8, 16), "v": MECTableConfig(3, 4)}
+
+
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("drop", [None, "v"])  # with "v" dropped every column is 16-byte aligned
+def test_specialised_kernels_equal_tbe_path(pooling: PoolingType, weighted: bool,
+                                            drop: str | None) -> None:
+    tables = [t for t in _specialised_tables(pooling) if t.name != drop]
+    compression = {k: c for k, c in SPECIALISED.items() if k != drop}
+    fused_mec, tbe_mec = _pair(tables, compression, weighted)
+    for seed in range(2):
+        kjt = random_kjt(tables, 37, weighted, torch.Generator().manual_seed(seed))
+        out_f, out_t = fused_mec(kjt).values(), tbe_mec(kjt).values()
+        torch.testing.assert_close(out_f, out_t, atol=1e-5, rtol=1e-5)
+        fused_mec.zero_grad()
+        tbe_mec.zero_grad()
+        grad = torch.randn_like(out_t)
+        (out_f * grad).sum().backward()
+        (out_t * grad).sum().backward()
+        for (name, p), (_, q) in zip(fused_mec.named_parameters(), tbe_mec.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5, msg=name)
