@@ -17,6 +17,17 @@ round-robin so a noisy host hits all of them alike; p50 and p99 per batch size.
 
     python tools/bench/serving.py --scale 0.05 --dim 64 --batch 1 64 512 --requests 300 \
         [--script] [--clock cpu]
+
+``--model OUT`` (a finished ``apps.dlrm.main`` output folder, e.g. out/demo) also serves the
+job's trained DLRM through every variant and prints the AUC and logloss of each on the test split
+of the job's data: fp32 = the stage-1 model; qebc-int8/4/2 = its tables quantized by
+``quantize_inference_model``; mec-fp32/fp16 = the stage-3 model (``--mec-variant``, warm by
+default) exported and served by ``MECInferenceEmbeddingBagCollection``; bytes = all of the model's
+embedding tables in each variant's serving form.
+
+``--load-threads T --load-seconds S`` also runs the concurrent load check
+(``mec_torchrec.export.load_test``) on mec-fp32: T threads share the module for S seconds;
+errors, outputs that differ from the single-threaded ones, and latency percentiles.
 """
 
 from __future__ import annotations
@@ -25,18 +36,26 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the apps package (--model)
 from lookup import compression_for, criteo_tables, zipf_batch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.inference.modules import quantize_inference_model
 
-from mec_torchrec.export import MECInferenceEmbeddingBagCollection, export_model, script_model
+from mec_torchrec.export import (
+    MECInferenceEmbeddingBagCollection,
+    export_model,
+    load_test,
+    script_model,
+)
 from mec_torchrec.modules import MECEmbeddingBagCollection
 
 QUANT = {"int8": torch.qint8, "int4": torch.quint4x2, "int2": torch.quint2x4}
@@ -51,16 +70,19 @@ class _Holder(nn.Module):
         self.ebc = ebc
 
 
+def qebc_bytes(qebc: nn.Module) -> int:
+    """The FBGEMM kernel's packed rows (its host weights on CPU), not the ``embedding_bags``
+    tensors that quantize_inference_model also leaves in the state dict."""
+    return sum(t.numel() * t.element_size() for tbe in qebc._emb_modules
+               for t in (tbe.weights_host, tbe.weights_dev, tbe.weights_uvm))
+
+
 def quantized_ebc(tables: list[EmbeddingBagConfig], dtype: str) -> tuple[nn.Module, int]:
     """torchrec's quantized EBC of fresh tables, and the bytes of its stored rows."""
     torch.manual_seed(0)
     holder = _Holder(EmbeddingBagCollection(tables=tables))
     qebc = quantize_inference_model(holder, quantization_dtype=QUANT[dtype]).ebc
-    # The FBGEMM kernel's packed rows (its host weights on CPU), not the ``embedding_bags``
-    # tensors that quantize_inference_model also leaves in the state dict.
-    stored = sum(t.numel() * t.element_size() for tbe in qebc._emb_modules
-                 for t in (tbe.weights_host, tbe.weights_dev, tbe.weights_uvm))
-    return qebc, stored
+    return qebc, qebc_bytes(qebc)
 
 
 def mec_serving(tables: list[EmbeddingBagConfig], args: argparse.Namespace, codebook_dtype: str,
@@ -95,6 +117,102 @@ def measure(variants: dict[str, Callable[[KeyedJaggedTensor], object]],
     return times
 
 
+def exact_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC by the rank-sum formula, ties sharing their average rank."""
+    scores, labels = scores.double(), labels.double()
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # average 1-based rank of each score
+    pos = labels.sum()
+    neg = labels.numel() - pos
+    return float((ranks[labels > 0].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def model_variants(out: Path, mec_variant: str, workdir: Path) -> tuple[dict, object, object]:
+    """The job's trained DLRM in every serving form: {name: (DLRM, embedding bytes)}."""
+    import copy
+
+    from apps.dlrm import checkpoint
+    from apps.dlrm.model import build_dlrm, table_configs
+    from apps.dlrm.spec import load_job_spec
+    from mec_torchrec.data import ProcessedDataset
+    from mec_torchrec.modules import MECTableConfig
+    from mec_torchrec.quantize import CompressedTable
+
+    spec = load_job_spec(out / "spec.json")
+    ds = ProcessedDataset(Path(spec.data_dir) if spec.data_dir else out / "data")
+    tables = table_configs(ds.feature_names, ds.num_embeddings, spec.model.embedding_dim)
+    fp32 = build_dlrm(EmbeddingBagCollection(tables=tables), spec.model, len(ds.dense_names))
+    checkpoint.load_local(out / "pretrain" / "best", {"model": fp32.state_dict()})
+    fp32 = fp32.model.eval()  # the DLRM without the training loss
+    variants = {"fp32": (fp32, sum(t.num_embeddings * t.embedding_dim * 4 for t in tables))}
+    for dtype, qdtype in QUANT.items():
+        q = quantize_inference_model(copy.deepcopy(fp32), quantization_dtype=qdtype)
+        variants[f"qebc-{dtype}"] = (q, qebc_bytes(q.sparse_arch.embedding_bag_collection))
+
+    compressed = {p.stem: CompressedTable.load(p)
+                  for p in sorted((out / "compress").glob("t_*.safetensors"))}
+    compression = {n: MECTableConfig(c.num_subspaces, c.codebook_size)
+                   for n, c in compressed.items()}
+    trained = build_dlrm(MECEmbeddingBagCollection(tables, compression), spec.model,
+                         len(ds.dense_names))
+    checkpoint.load_local(out / f"train_{mec_variant}" / "best", {"model": trained.state_dict()})
+    mec = trained.model.sparse_arch.embedding_bag_collection
+    for dtype in ("fp32", "fp16"):
+        path = workdir / f"model-mec-{dtype}"
+        manifest = export_model(mec, path, dtype)
+        served = copy.deepcopy(trained.model).eval()
+        served.sparse_arch.embedding_bag_collection = MECInferenceEmbeddingBagCollection.load(path)
+        variants[f"mec-{dtype}"] = (served, manifest.total_bytes())
+    return variants, ds, spec
+
+
+def model_quality(args: argparse.Namespace) -> None:
+    """AUC / logloss / bytes of the job's trained model served by every variant (test split)."""
+    out = Path(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        variants, ds, spec = model_variants(out, args.mec_variant, Path(tmp))
+        logits: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
+        labels = []
+        with torch.inference_mode():
+            for batch in ds.batches("test", spec.training.eval_batch_size, shuffle=False):
+                labels.append(batch.labels.float())
+                for name, (model, _) in variants.items():
+                    logits[name].append(
+                        model(batch.dense_features, batch.sparse_features).float().view(-1))
+    y = torch.cat(labels)
+    fp32_bytes = variants["fp32"][1]
+    int2_bytes = variants["qebc-int2"][1]
+    print(f"\n== {out}: trained DLRM served by each variant, test split ({y.numel():,} rows; "
+          f"MEC = train_{args.mec_variant}) ==")
+    print("| variant | test AUC | AUC - fp32 | logloss | embedding MiB | vs fp32 | int2 / variant |")
+    print("|---|---|---|---|---|---|---|")
+    base_auc = None
+    for name, (_, nbytes) in variants.items():
+        z = torch.cat(logits[name])
+        auc = exact_auc(z, y)
+        base_auc = auc if base_auc is None else base_auc
+        logloss = float(torch.nn.functional.binary_cross_entropy_with_logits(z, y))
+        print(f"| {name} | {auc:.4f} | {auc - base_auc:+.4f} | {logloss:.4f} | "
+              f"{nbytes / 2**20:.2f} | {fp32_bytes / nbytes:.1f}x smaller | "
+              f"{int2_bytes / nbytes:.2f}x |")
+
+
+def run_load(args: argparse.Namespace, module: nn.Module, tables: list[EmbeddingBagConfig]) -> None:
+    g = torch.Generator().manual_seed(1)
+    requests = [zipf_batch(tables, batch, torch.device("cpu"), g)
+                for batch in args.batch for _ in range(8)]
+    result = load_test(module, requests, args.load_threads, args.load_seconds)
+    s = result.summary()
+    print(f"\n== load: mec-fp32, {args.load_threads} threads for {args.load_seconds:.0f} s, "
+          f"requests of batch {args.batch} ==")
+    print(f"requests {s['requests']:,} ({s['requests_per_s']:.0f}/s)  errors {s['errors']}  "
+          f"mismatches vs single-threaded {s['mismatches']}  p50 {s['p50_ms']:.3f} ms  "
+          f"p90 {s['p90_ms']:.3f} ms  p99 {s['p99_ms']:.3f} ms  max {s['max_ms']:.3f} ms")
+    if not result.ok:
+        raise SystemExit(f"load check failed: {s['first_failure']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=0.05, help="cardinality multiplier")
@@ -110,8 +228,19 @@ def main() -> None:
                         "a busy shared host keeps the process descheduled)")
     parser.add_argument("--script", action="store_true",
                         help="time TorchScript (torchrec fx + jit.script) modules instead of eager")
+    parser.add_argument("--model", default=None,
+                        help="a finished apps.dlrm.main output folder: AUC of each variant")
+    parser.add_argument("--mec-variant", default="warm", help="which train_<variant> to serve")
+    parser.add_argument("--load-threads", type=int, default=0,
+                        help="concurrent load check on mec-fp32 with this many threads")
+    parser.add_argument("--load-seconds", type=float, default=10.0)
+    parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model:
+        model_quality(args)
+    if args.skip_latency and not args.load_threads:
+        return
     tables = criteo_tables(args.scale, args.dim)
     rows = sum(t.num_embeddings for t in tables)
     fp32_bytes = rows * args.dim * 4
@@ -140,6 +269,10 @@ def main() -> None:
 
     print("\n| batch | variant | p50 ms | p99 ms | p99 / qebc-int8 p99 |")
     print("|---|---|---|---|---|")
+    if args.load_threads:
+        run_load(args, modules["mec-fp32"][0], tables)
+    if args.skip_latency:
+        return
     g = torch.Generator().manual_seed(0)
     for batch in args.batch:
         batches = [zipf_batch(tables, batch, torch.device("cpu"), g)
