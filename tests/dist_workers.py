@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from dist_harness import CheckRecorder
 from dist_models import (
+    BATCH_SIZE,
     COMPRESSED,
     COMPRESSION,
     LR,
@@ -29,6 +30,7 @@ from dist_models import (
 )
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner import Topology
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import LazyAwaitable, ShardingEnv
 from torchrec.modules.embedding_configs import PoolingType
@@ -36,7 +38,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from mec_torchrec.distributed import load_mec_state
+from mec_torchrec.distributed import load_mec_state, make_planner
 from mec_torchrec.modules import MECEmbeddingBagCollection
 
 SEED = 7
@@ -325,6 +327,33 @@ def check_codes_state_dict(kind: str, codes_kind: str) -> None:
         assert_close_to_full(value, reference.codes.get_buffer(table), table)
 
 
+def check_codes_planner() -> None:
+    """A plan from make_planner (codes overridden: t_a row_wise, t_b table_wise) shards and
+    serves like the unsharded module."""
+    world = dist.get_world_size()
+    planner = make_planner(
+        Topology(world_size=world, compute_device="cpu"),
+        BATCH_SIZE,
+        codes_sharding={"t_a": "row_wise", "t_b": "table_wise"},
+    )
+    made = planner.collective_plan(meta_model(), sharders(), dist.group.WORLD)
+    assert made.plan["sparse"]["codes.t_a"].ranks == list(range(world))
+    dmp = DistributedModelParallel(
+        meta_model(),
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=CPU,
+        plan=made,
+        sharders=sharders(),
+    )
+    load_mec_state(dmp, reference_model(SEED).state_dict())
+    assert sorted(dmp.module.sparse.codes.sharded_tables) == ["t_a", "t_b"]
+    features = spread_features()
+    out = dmp.module.sparse(features)
+    got = (out.wait() if isinstance(out, LazyAwaitable) else out).to_dict()
+    for feature, tensor in reference_mec(SEED)(features).to_dict().items():
+        torch.testing.assert_close(got[feature], tensor, rtol=1e-5, atol=1e-6)
+
+
 def codes_body(recorder: CheckRecorder, cases: list[tuple[str, ...]]) -> None:
     """Runs `(check, codebook kind, codes kind, ...)` cases; check names join the fields by ':'."""
     checks = {
@@ -334,6 +363,7 @@ def codes_body(recorder: CheckRecorder, cases: list[tuple[str, ...]]) -> None:
         "training": check_codes_training,
         "load_tables": check_codes_load_tables,
         "state_dict": check_codes_state_dict,
+        "planner": check_codes_planner,
     }
     for case in cases:
         recorder.run(":".join(case), checks[case[0]], *case[1:])

@@ -32,6 +32,7 @@ def cases(world_size: int) -> list[tuple[str, ...]]:
         ("load_tables", "table_wise", "row_wise"),
         ("state_dict", "data_parallel", "row_wise"),
         ("state_dict", "data_parallel", "table_wise"),
+        ("planner",),
     ]
     return out
 
@@ -69,3 +70,8 @@ def test_state_dict_shows_sharded_codes_as_full_size_sharded_tensors(group: tupl
     world_size, results = group
     for name in names(world_size, "state_dict"):
         assert_check(results, name)
+
+
+def test_planner_made_plan_with_sharded_codes_serves_like_the_unsharded_module(group: tuple) -> None:
+    _, results = group
+    assert_check(results, "planner")

@@ -62,7 +62,9 @@ def test_default_sharders_are_torchrec_defaults_plus_mec() -> None:
 def test_plan_is_keyed_by_mec_module_and_inner_tables() -> None:
     plan = make_planner(cpu_topology(1024 * MiB), batch_size=8).plan(meta_model(), sharders())
     assert set(plan.plan) == {"sparse"}
-    assert set(plan.plan["sparse"]) == {"t_a@0", "t_a@1", "t_b@0", "t_b@1", "t_c"}
+    assert set(plan.plan["sparse"]) == {
+        "t_a@0", "t_a@1", "t_b@0", "t_b@1", "t_c", "codes.t_a", "codes.t_b"
+    }
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -107,7 +109,7 @@ def test_mec_plan_fits_a_budget_the_full_tables_do_not() -> None:
             full, torchrec_default_sharders()
         )
     plan = make_planner(budget, batch_size=4096).plan(criteo_mec(), get_default_sharders())
-    assert len(plan.plan["sparse"]) == 7 * 4 + 19
+    assert len(plan.plan["sparse"]) == 7 * 4 + 19 + 7  # codebooks, full tables, codes
 
 
 def test_stock_reservation_misses_the_codes_and_mec_reservation_rejects() -> None:
@@ -116,8 +118,11 @@ def test_stock_reservation_misses_the_codes_and_mec_reservation_rejects() -> Non
     EmbeddingShardingPlanner(topology=budget, batch_size=4096, debug=False).plan(
         model, get_default_sharders()
     )  # accepted: the stock planner never sees the codes
+    replicated = {f"t_C{i}": "data_parallel" for i, n in enumerate(CRITEO, 1) if n >= 100_000}
     with pytest.raises(PlannerError, match="MEC codes need"):
-        make_planner(budget, batch_size=4096).plan(model, get_default_sharders())
+        make_planner(budget, batch_size=4096, codes_sharding=replicated).plan(
+            model, get_default_sharders()
+        )
 
 
 def test_mec_reservation_subtracts_codes_from_every_rank() -> None:

@@ -1,12 +1,16 @@
 """Distributed MEC: the sharder, planner helpers and loading after DistributedModelParallel."""
 
+from mec_torchrec.distributed.codes import ShardedCodes, codes_key, codes_sharding
 from mec_torchrec.distributed.loading import load_mec_state
 from mec_torchrec.distributed.planner import (
     MECShardingPlanner,
     MECStorageReservation,
     codebook_tables,
+    codes_bytes_per_rank,
+    describe_codes,
     make_planner,
     mec_modules,
+    place_codes,
     replicated_bytes,
 )
 from mec_torchrec.distributed.sharder import (
@@ -21,11 +25,17 @@ __all__ = [
     "MECEmbeddingBagCollectionSharder",
     "MECShardingPlanner",
     "MECStorageReservation",
+    "ShardedCodes",
     "ShardedMECEmbeddingBagCollection",
     "codebook_tables",
+    "codes_bytes_per_rank",
+    "codes_key",
+    "codes_sharding",
+    "describe_codes",
     "get_default_sharders",
     "load_mec_state",
     "make_planner",
     "mec_modules",
+    "place_codes",
     "replicated_bytes",
 ]

@@ -1,16 +1,18 @@
-"""Planning MEC modules: reserve the replicated codes, then let the stock planner do the rest.
+"""Planning MEC modules: place the codes, reserve them, then let the stock planner do the rest.
 
 TorchRec 1.8's planner sizes each sharding option from the tensors `shardable_parameters()`
 returns and never calls `ModuleSharder.storage_usage()`. For a MEC module those tensors are the
 codebook tables (and the full, uncompressed tables), which the stock storage estimator already
-sizes correctly. What it cannot see are the `codes` buffers: non-trainable, replicated in full on
-every rank whatever the plan, and skipped by the stock reservations (which treat the whole MEC
-module as "sharded"). A per-rank fixed cost is what a `StorageReservation` models, so that is where
-the codes are counted; a `ShardEstimator` attaches bytes to individual shards and would put them
-on only the ranks holding a given shard.
+sizes correctly. What it cannot see are the `codes` buffers: non-trainable, placed before planning
+(replicated on every rank, or sharded row-wise / table-wise when the replicas would not fit; see
+`place_codes`), and skipped by the stock reservations (which treat the whole MEC module as
+"sharded"). A per-rank fixed cost is what a `StorageReservation` models, so that is where the
+codes each rank holds are counted; a `ShardEstimator` attaches bytes to the codebook shards the
+planner places, which is not where the codes go.
 """
 
 import copy
+import logging
 
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner
@@ -23,9 +25,25 @@ from torchrec.distributed.planner.types import (
     StorageReservation,
     Topology,
 )
-from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.distributed.types import (
+    ModuleSharder,
+    ParameterSharding,
+    ShardingPlan,
+    ShardingType,
+)
 
+from mec_torchrec.distributed.codes import (
+    CODES_SHARDING_TYPES,
+    codes_key,
+    codes_sharding,
+    describe,
+    split_plan,
+)
 from mec_torchrec.modules import MECEmbeddingBagCollection
+
+logger: logging.Logger = logging.getLogger(__name__)
+#: Codes stay replicated while all replicated codes take at most this share of a rank's memory.
+REPLICATED_CODES_SHARE = 0.25
 
 
 def mec_modules(module: nn.Module) -> list[MECEmbeddingBagCollection]:
@@ -35,6 +53,116 @@ def mec_modules(module: nn.Module) -> list[MECEmbeddingBagCollection]:
         if type(m) is MECEmbeddingBagCollection:
             seen.setdefault(id(m), m)
     return list(seen.values())
+
+
+def named_mec_modules(module: nn.Module) -> dict[str, MECEmbeddingBagCollection]:
+    """fqn -> `MECEmbeddingBagCollection` inside `module` (first name of each distinct one)."""
+    out: dict[str, MECEmbeddingBagCollection] = {}
+    seen: set[int] = set()
+    for name, m in module.named_modules():
+        if type(m) is MECEmbeddingBagCollection and id(m) not in seen:
+            seen.add(id(m))
+            out[name] = m
+    return out
+
+
+#: (MEC module fqn, table name) -> the plan entry placing that table's codes.
+CodesPlacement = dict[tuple[str, str], ParameterSharding]
+
+
+def place_codes(
+    module: nn.Module,
+    topology: Topology,
+    overrides: dict[str, str] | None = None,
+    replicated_share: float = REPLICATED_CODES_SHARE,
+) -> CodesPlacement:
+    """Where each compressed table's codes go: replicated if they fit comfortably, else sharded.
+
+    Codes stay replicated (`data_parallel`) while all replicated codes take at most
+    `replicated_share` of the smallest rank's memory (HBM on CUDA, DDR on CPU); otherwise the
+    largest tables are sharded `row_wise` over every rank until the rest fit. `overrides`
+    (table name -> `data_parallel` | `row_wise` | `table_wise`) win; a `table_wise` table goes
+    to the rank holding the fewest code bytes so far.
+
+    Raises:
+        ValueError: an override names an unknown table or sharding type.
+    """
+    overrides = dict(overrides or {})
+    world = topology.world_size
+    on_hbm = topology.compute_device in {"cuda", "mtia"}
+    budget = min(d.storage.hbm if on_hbm else d.storage.ddr for d in topology.devices)
+    tables = [
+        (fqn, name, buffer)
+        for fqn, mec in named_mec_modules(module).items()
+        for name, buffer in mec.codes.named_buffers()
+    ]
+    unknown = sorted(set(overrides) - {name for _, name, _ in tables})
+    if unknown:
+        raise ValueError(f"codes overrides name {unknown}, which are not compressed tables")
+    bad = {n: t for n, t in overrides.items() if t not in CODES_SHARDING_TYPES}
+    if bad:
+        raise ValueError(f"codes overrides {bad}: expected one of {CODES_SHARDING_TYPES}")
+    kinds = {(fqn, name): overrides.get(name) for fqn, name, _ in tables}
+    replicated = sum(
+        b.numel() * b.element_size()
+        for fqn, name, b in tables
+        if kinds[fqn, name] in (None, ShardingType.DATA_PARALLEL.value)
+    )
+    for fqn, name, buffer in sorted(tables, key=lambda t: -t[2].numel() * t[2].element_size()):
+        if kinds[fqn, name] is None:
+            size = buffer.numel() * buffer.element_size()
+            if replicated > replicated_share * budget and world > 1:
+                kinds[fqn, name] = ShardingType.ROW_WISE.value
+                replicated -= size
+            else:
+                kinds[fqn, name] = ShardingType.DATA_PARALLEL.value
+    load = [0] * world
+    placement: CodesPlacement = {}
+    for fqn, name, buffer in tables:
+        kind = kinds[fqn, name]
+        ranks = list(range(world))
+        if kind == ShardingType.TABLE_WISE.value:
+            ranks = [min(range(world), key=lambda r: load[r])]
+        sharding = codes_sharding(*buffer.shape, kind, ranks, topology.compute_device)
+        for rank, rows in _rows_per_rank(sharding, buffer.shape[0], world).items():
+            load[rank] += rows * buffer.shape[1] * buffer.element_size()
+        placement[fqn, name] = sharding
+    return placement
+
+
+def _rows_per_rank(sharding: ParameterSharding, num_rows: int, world: int) -> dict[int, int]:
+    if sharding.sharding_type == ShardingType.DATA_PARALLEL.value:
+        return dict.fromkeys(range(world), num_rows)
+    shards = sharding.sharding_spec.shards  # type: ignore[union-attr]
+    return {int(s.placement.rank()): int(s.shard_sizes[0]) for s in shards}
+
+
+def codes_bytes_per_rank(
+    module: nn.Module, world_size: int, placement: CodesPlacement | None = None
+) -> list[int]:
+    """Bytes of MEC codes each rank holds under `placement` (every table replicated if None)."""
+    out = [0] * world_size
+    for fqn, mec in named_mec_modules(module).items():
+        for name, buffer in mec.codes.named_buffers():
+            sharding = (placement or {}).get((fqn, name))
+            rows = (
+                dict.fromkeys(range(world_size), buffer.shape[0])
+                if sharding is None
+                else _rows_per_rank(sharding, buffer.shape[0], world_size)
+            )
+            for rank, count in rows.items():
+                out[rank] += count * buffer.shape[1] * buffer.element_size()
+    return out
+
+
+def describe_codes(plan: ShardingPlan) -> list[str]:
+    """One line per MEC table whose codes the plan places: `"sparse.t_C3 codes: replicated"`,
+    `"... codes: row_wise over 8 ranks"` or `"... codes: table_wise on rank 3"`."""
+    lines = []
+    for path, module_plan in plan.plan.items():
+        _, codes = split_plan(dict(module_plan))  # type: ignore[arg-type]
+        lines += [describe(f"{path}.{name}" if path else name, ps) for name, ps in codes.items()]
+    return lines
 
 
 def replicated_bytes(module: nn.Module) -> int:
@@ -51,9 +179,11 @@ def replicated_bytes(module: nn.Module) -> int:
 class MECStorageReservation(HeuristicalStorageReservation):
     """TorchRec's heuristic reservation (dense parameters, KJT buffers, margin) plus the codes.
 
-    The replicated MEC codes are subtracted from every rank's HBM (CUDA) or DDR (CPU) and reported
-    as part of the per-rank dense reservation in the planner's stats. Subclassing the stock
-    reservation keeps the planner's error messages and stats working (they read its fields).
+    The MEC codes each rank holds (all of a replicated table, a sharded table's local rows; every
+    table replicated unless `placement` is set, as `MECShardingPlanner` does) are subtracted from
+    that rank's HBM (CUDA) or DDR (CPU) and reported as part of the dense reservation in the
+    planner's stats. Subclassing the stock reservation keeps the planner's error messages and
+    stats working (they read its fields).
 
     Args:
         percentage: extra margin of HBM to keep free, as for the stock reservation.
@@ -72,6 +202,9 @@ class MECStorageReservation(HeuristicalStorageReservation):
         dense_tensor_estimate: int | None = None,
     ) -> None:
         super().__init__(percentage, parameter_multiplier, dense_tensor_estimate)
+        #: Where the codes go (see `place_codes`); None: every table replicated.
+        self.placement: CodesPlacement | None = None
+        #: Code bytes of the fullest rank, after `reserve`.
         self.codes_bytes: int = 0
 
     def reserve(
@@ -83,27 +216,28 @@ class MECStorageReservation(HeuristicalStorageReservation):
         constraints: dict[str, ParameterConstraints] | None = None,
     ) -> Topology:
         reserved = super().reserve(topology, batch_size, module, sharders, constraints)
-        self.codes_bytes = replicated_bytes(module)
+        per_rank = codes_bytes_per_rank(module, len(reserved.devices), self.placement)
+        self.codes_bytes = max(per_rank, default=0)
         on_hbm = topology.compute_device in {"cuda", "mtia"}
-        codes = Storage(
-            hbm=self.codes_bytes if on_hbm else 0,
-            ddr=0 if on_hbm else self.codes_bytes,
-            ssd=0,
-        )
-        for rank, device in enumerate(reserved.devices):
+        for rank, (device, needed) in enumerate(zip(reserved.devices, per_rank)):
             free = device.storage.hbm if on_hbm else device.storage.ddr
-            if free < self.codes_bytes:
+            if free < needed:
                 raise PlannerError(
                     error_type=PlannerErrorType.INSUFFICIENT_STORAGE,
                     message=(
-                        f"MEC codes need {self.codes_bytes} bytes on every rank; rank {rank} has "
-                        f"{free} bytes of {'HBM' if on_hbm else 'DDR'} left after the dense and "
-                        "KJT reservations"
+                        f"MEC codes need {needed} bytes on rank {rank}, which has {free} bytes "
+                        f"of {'HBM' if on_hbm else 'DDR'} left after the dense and KJT "
+                        "reservations (shard the codes: make_planner(codes_sharding=...))"
                     ),
                 )
-            device.storage -= codes
+            device.storage -= Storage(
+                hbm=needed if on_hbm else 0, ddr=0 if on_hbm else needed, ssd=0
+            )
         if self._dense_storage is not None:
-            self._dense_storage += codes
+            fullest = self.codes_bytes
+            self._dense_storage += Storage(
+                hbm=fullest if on_hbm else 0, ddr=0 if on_hbm else fullest, ssd=0
+            )
         self._last_reserved_topology = copy.deepcopy(reserved)
         return reserved
 
@@ -145,7 +279,13 @@ class MECShardingPlanner(EmbeddingShardingPlanner):
     compressed features; left free, TorchRec's planner sometimes shards them table-wise. Tables
     whose weight has an optimizer applied in backward (`apply_optimizer_in_backward`) are kept off
     data_parallel instead, where TorchRec would drop that optimizer. Tables the caller constrains
-    keep the caller's constraints. Build it with `make_planner`.
+    keep the caller's constraints.
+
+    Before planning it places each compressed table's codes (`place_codes`: replicated while they
+    fit comfortably, else sharded; `codes_sharding` overrides), has the reservation count what
+    each rank holds, and adds the placement to the plan as `codes.<table>` entries (one per table,
+    shown by the plan's printout and logged as `describe_codes` lines). Build it with
+    `make_planner`.
     """
 
     def __init__(
@@ -153,6 +293,8 @@ class MECShardingPlanner(EmbeddingShardingPlanner):
         *,
         codebook_sharding_types: list[str] | None,
         constraints: dict[str, ParameterConstraints] | None = None,
+        codes_sharding: dict[str, str] | None = None,
+        replicated_codes_share: float = REPLICATED_CODES_SHARE,
         **kwargs: object,
     ) -> None:
         self._requested = dict(constraints or {})
@@ -161,6 +303,8 @@ class MECShardingPlanner(EmbeddingShardingPlanner):
         self._planned_constraints: dict[str, ParameterConstraints] = dict(self._requested)
         super().__init__(constraints=self._planned_constraints, **kwargs)  # type: ignore[arg-type]
         self._codebook_sharding_types = codebook_sharding_types
+        self._codes_sharding = dict(codes_sharding or {})
+        self._replicated_codes_share = replicated_codes_share
 
     def plan(self, module: nn.Module, sharders: list[ModuleSharder[nn.Module]]) -> ShardingPlan:
         self._planned_constraints.clear()
@@ -175,7 +319,20 @@ class MECShardingPlanner(EmbeddingShardingPlanner):
                 self._planned_constraints.setdefault(
                     name, ParameterConstraints(sharding_types=list(self._codebook_sharding_types))
                 )
-        return super().plan(module, sharders)
+        placement = place_codes(
+            module, self._topology, self._codes_sharding, self._replicated_codes_share
+        )
+        if isinstance(self._storage_reservation, MECStorageReservation):
+            self._storage_reservation.placement = placement
+        plan = super().plan(module, sharders)
+        for (fqn, table), sharding in placement.items():
+            plan.plan[fqn][codes_key(table)] = sharding  # type: ignore[index]
+        lines = describe_codes(plan)
+        for line in lines:
+            logger.info(line)
+        if self._debug and lines:
+            print("\n".join(lines))
+        return plan
 
 
 def make_planner(
@@ -184,10 +341,12 @@ def make_planner(
     *,
     constraints: dict[str, ParameterConstraints] | None = None,
     codebook_sharding_types: list[str] | None = None,
+    codes_sharding: dict[str, str] | None = None,
+    replicated_codes_share: float = REPLICATED_CODES_SHARE,
     reservation: StorageReservation | None = None,
     debug: bool = False,
 ) -> EmbeddingShardingPlanner:
-    """A planner whose storage reservation counts the replicated MEC codes.
+    """A planner that places the MEC codes and whose storage reservation counts them.
 
     Use it with `get_default_sharders()`. Plans are keyed by the MEC module's fqn and its inner
     table names (`t@0`, ..., full tables by name), so `constraints` use those names too.
@@ -199,6 +358,10 @@ def make_planner(
             codebook default.
         codebook_sharding_types: sharding types allowed for codebook tables not in `constraints`;
             `["data_parallel"]` if None, `[]` to let the planner choose freely.
+        codes_sharding: table name -> `data_parallel` (replicated) | `row_wise` | `table_wise`
+            for its codes; other tables are placed by the memory budget (see `place_codes`).
+        replicated_codes_share: the share of a rank's memory replicated codes may take before
+            the largest tables are sharded.
         reservation: a `MECStorageReservation` with non-default settings; the default otherwise.
         debug: print the planner's stats table.
 
@@ -216,6 +379,8 @@ def make_planner(
         topology=topology,
         batch_size=batch_size,
         constraints=constraints,
+        codes_sharding=codes_sharding,
+        replicated_codes_share=replicated_codes_share,
         storage_reservation=reservation or MECStorageReservation(),
         debug=debug,
     )

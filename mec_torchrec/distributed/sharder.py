@@ -1,10 +1,11 @@
-"""Sharding a `MECEmbeddingBagCollection`: replicated codes, stock-sharded codebooks.
+"""Sharding a `MECEmbeddingBagCollection`: replicated or sharded codes, stock-sharded codebooks.
 
 The MEC module is two halves around a stock `EmbeddingBagCollection`: `remap` turns raw ids into
 code ids through the `codes` buffers, and `regroup` stitches the pooled sub-embeddings back into
 the plain-EBC layout. Sharding keeps that shape:
 
-    features --remap (local, codes replicated on every rank)--> code-id KJT
+    features --remap (local for replicated codes; on the owning rank for sharded ones,
+                      see `codes.py`)--> code-id KJT
              --input dist / lookup / output dist (stock ShardedEmbeddingBagCollection)-->
              pooled sub-embeddings --merge sub-features--> KeyedTensor of the MEC features
 
@@ -100,7 +101,8 @@ class ShardedMECEmbeddingBagCollection(
     """Sharded counterpart of `MECEmbeddingBagCollection`.
 
     Children mirror the unsharded module so state dicts line up key for key:
-    `codes` (the module's own buffer container, moved to `device`, one full copy per rank) and
+    `codes` (the module's own buffer container, moved to `device`, one full copy per rank; a
+    `ShardedCodes` holding each rank's rows when the plan shards some code tables) and
     `codebooks` (a `ShardedEmbeddingBagCollection` built by the stock sharder from the plan).
     Output: a `KeyedTensor` with the unsharded module's keys and per-key tensors, keys in sharding
     order (like TorchRec's sharded EBC).
@@ -249,8 +251,8 @@ class MECEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MECEmbeddingBagColle
 
     The planner sees the inner codebook tables as the module's shardable parameters, so plans
     are keyed by inner table name (`t@0`, ..., full tables by their own name) under the MEC
-    module's fqn. Codes are never sharded; `mec_torchrec.distributed.make_planner` reserves their
-    bytes on every rank.
+    module's fqn; `codes.<table>` entries place code tables (replicated, row_wise or table_wise,
+    see `codes.py`), and `mec_torchrec.distributed.make_planner` chooses and reserves them.
 
     Args:
         ebc_sharder: the stock sharder to delegate to (pass one with `fused_params` to choose the
