@@ -367,3 +367,34 @@ def codes_body(recorder: CheckRecorder, cases: list[tuple[str, ...]]) -> None:
     }
     for case in cases:
         recorder.run(":".join(case), checks[case[0]], *case[1:])
+
+
+def codes_dcp_body(recorder: CheckRecorder, steps: list[tuple[str, str, str, str, int]]) -> None:
+    """`dcp_body` with the codes placed too: steps `(action, checkpoint_dir, codebook kind,
+    codes kind, seed)`; check names "save:<dir name>", "load:<dir name>"."""
+    for action, checkpoint, kind, codes_kind, seed in steps:
+        check = save_codes_checkpoint if action == "save" else load_codes_checkpoint
+        recorder.run(
+            f"{action}:{Path(checkpoint).name}", check, checkpoint, kind, codes_kind, seed
+        )
+
+
+def save_codes_checkpoint(checkpoint: str, kind: str, codes_kind: str, seed: int) -> None:
+    dcp.save(wrap_codes(kind, codes_kind, seed).state_dict(), checkpoint_id=Path(checkpoint))
+
+
+def load_codes_checkpoint(checkpoint: str, kind: str, codes_kind: str, seed: int) -> None:
+    dmp = wrap_codes(kind, codes_kind, None)
+    probe = batch(600 + dist.get_rank())
+    reference = reference_model(seed)
+    _, want = reference(probe)
+    _, fresh = dmp(probe)
+    assert not torch.allclose(fresh, want), "fresh model already matches: test proves nothing"
+    state = dmp.state_dict()
+    dcp.load(state, checkpoint_id=Path(checkpoint))
+    dmp.load_state_dict(state)
+    _, got = dmp(probe)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    loaded, expected = dmp.state_dict(), reference.state_dict()
+    for key in (k for k in expected if k.startswith("sparse.")):
+        assert_close_to_full(loaded[key], expected[key], key)
