@@ -180,6 +180,8 @@ def _read_text(spec: DatasetSpec, path: Path) -> Iterator[pa.RecordBatch]:
             yield batch
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:  # column names are decoded as UTF-8
+        raise DataError(f"{path}: the header is not UTF-8 text ({e})") from None
     except pa.ArrowInvalid as e:
         if bad_rows:
             row = bad_rows[0]
