@@ -73,6 +73,7 @@ __attribute__((always_inline)) inline void stream(float* p, V v) {
 }
 
 constexpr int kPrefetch = 16;  // ids ahead whose code row (or table row) is prefetched
+constexpr int kPrefetchRows = 8;  // samples ahead whose output gradient is prefetched
 
 struct Full {};  // the "code type" of a full table: the id is the row
 
@@ -224,6 +225,10 @@ MEC_CLONES void scatter_fast(const Feature& ft, float* const* grads, const Bags&
     if (s == e) continue;
     const float scale = ft.mean ? 1.f / static_cast<float>(e - s) : 1.f;
     const float* g_row = g + b * g_stride + ft.col;
+    // Rows of the output gradient lie a page or more apart: no hardware prefetcher follows them.
+    if (b + kPrefetchRows < bags.batch) {
+      for (int k = 0; k < L * S; k += 16) __builtin_prefetch(g_row + kPrefetchRows * g_stride + k);
+    }
     V gv[L * N];
     for (int x = 0; x < L * N; ++x) gv[x] = scale * load<V>(g_row + x * W);
     for (int64_t i = s; i < e; ++i) {
