@@ -1,0 +1,464 @@
+"""Property-based tests (hypothesis) of the public readers, loaders and the id remap.
+
+Each property: for any input drawn, the code either raises its documented error (see
+docs/errors.md) or returns exactly what a small brute-force reference computes; never another
+exception, never a silently different result.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from torchrec import KeyedJaggedTensor
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from apps.dlrm.spec import JobSpec, SpecError, load_job_spec
+from mec_torchrec import MECEmbeddingBagCollection
+from mec_torchrec.data import DataError, prepare_dataset
+from mec_torchrec.data import vocab as vocab_module
+from mec_torchrec.data.spec import DatasetSpec, dataset_spec_from_dict, load_dataset_spec
+from mec_torchrec.modules.config import MECTableConfig
+from mec_torchrec.quantize import CompressedTable, TableFileError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+# Fixtures here hold nothing an example changes, so sharing them across examples is fine.
+_CHECKS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+FEW = settings(max_examples=60, deadline=None, suppress_health_check=_CHECKS)
+SOME = settings(max_examples=150, deadline=None, suppress_health_check=_CHECKS)
+
+
+@contextmanager
+def scratch() -> Iterator[Path]:
+    """A fresh folder per example (pytest's tmp_path is shared by all examples of a test)."""
+    path = Path(tempfile.mkdtemp(prefix="mec-prop-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- readers ---------------------------------------------------------------------------------
+
+# Cells with a known meaning: label and dense cells map to their number (None: a missing value;
+# "bad": not a number; "inf": not finite), categorical cells are values as written.
+NUMBER_CELLS = {
+    "0": 0.0, "1": 1.0, "1.0": 1.0, " 1": 1.0, "0 ": 0.0, "2": 2.0, "-3": -3.0, "2.5": 2.5,
+    "1e2": 100.0, ".5": 0.5, "nan": None, "": None, "inf": "inf", "-inf": "inf",
+    "abc": "bad", "1.2.3": "bad", "--": "bad", "0x1": "bad",
+}  # fmt: skip
+VALID_LABELS = ["0", "1", "1.0", " 1", "0 "]
+VALID_DENSE = ["0", "2", "-3", "2.5", "1e2", ".5", "nan", ""]
+CATEGORY_CELLS = ["a", "b", "c", "", "a b", "12", "B", "é"]
+COLUMNS = ["y", "x", "f"]
+
+
+def mostly(valid: list, every: list) -> st.SearchStrategy:
+    """A cell that is valid ~19 times in 20, so that whole files are often valid too."""
+    return st.sampled_from(valid * (19 * len(every) // len(valid)) + every)
+
+
+@st.composite
+def csv_tables(draw: st.DrawFn) -> tuple[list[str], list[dict[str, str]]]:
+    """A header (a permutation of y, x, f, maybe one dropped, maybe an extra column) and rows."""
+    header = draw(st.permutations(COLUMNS))
+    if draw(st.booleans()) and draw(st.integers(0, 9)) == 0:
+        header = header[1:]
+    if draw(st.booleans()):
+        header = [*header, "z"]
+    number = st.sampled_from(sorted(NUMBER_CELLS))
+    cell = {"y": mostly(VALID_LABELS, sorted(NUMBER_CELLS)),
+            "x": mostly(VALID_DENSE, sorted(NUMBER_CELLS)),
+            "f": st.sampled_from(CATEGORY_CELLS), "z": number}  # fmt: skip
+    rows = draw(st.lists(st.fixed_dictionaries({c: cell[c] for c in header}), max_size=12))
+    return header, rows
+
+
+def reference(labels: list, dense: list, categories: list) -> dict | str:
+    """What preparing these parsed cells must give, or "error" when some cell is bad.
+
+    ``labels`` / ``dense`` hold NUMBER_CELLS meanings, ``categories`` values (None: missing).
+    """
+    if not labels:
+        return "error"
+    for y in labels:
+        if y not in (0.0, 1.0):  # None, "bad", "inf" and other numbers alike
+            return "error"
+    for x in dense:
+        if x in ("bad", "inf"):
+            return "error"
+    counts = Counter(categories)
+    # Ids by count descending, ties by value ascending, missing (None) last; then the OOV id.
+    order = sorted(counts, key=lambda v: (-counts[v], v is None, "" if v is None else v))
+    ids = {v: i for i, v in enumerate(order)}
+    x = np.array([0.0 if v is None else v for v in dense], dtype=np.float64)
+    return {
+        "labels": np.array(labels, dtype=np.float32),
+        "dense": np.log1p(np.maximum(x, 0.0)).astype(np.float32),
+        "ids": np.array([ids[v] for v in categories], dtype=np.int64),
+        "num_embeddings": len(order) + 1,
+    }
+
+
+def prepared_or_error(spec: DatasetSpec, work: Path) -> dict | str:
+    """Prepare ``spec`` and read the train split back; "error" for a DataError."""
+    try:
+        ds = prepare_dataset(spec, work)
+    except DataError:
+        return "error"
+    (batch,) = list(ds.batches("train", 1000))
+    return {
+        "labels": batch.labels.numpy(),
+        "dense": batch.dense_features[:, 0].numpy(),
+        "ids": batch.sparse_features["f"].values().numpy(),
+        "num_embeddings": ds.num_embeddings["f"],
+    }
+
+
+def assert_same(got: dict | str, expected: dict | str) -> None:
+    event("refused" if expected == "error" else "read")
+    assert type(got) is type(expected), (got, expected)
+    if isinstance(expected, dict):
+        for key in ("labels", "dense", "ids"):
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, err_msg=key)
+        assert got["num_embeddings"] == expected["num_embeddings"]
+
+
+@pytest.fixture(params=["hash", "sorted"])
+def lookup_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run under both vocabulary lookups (a hash set for small vocabularies, a sorted search)."""
+    if request.param == "sorted":
+        monkeypatch.setattr(vocab_module, "HASH_LOOKUP_MAX", 0)
+
+
+@FEW
+@given(table=csv_tables())
+def test_csv_reads_like_the_reference_or_raises_data_error(table, lookup_path) -> None:
+    header, rows = table
+    text = ",".join(header) + "\n" + "".join(",".join(r[c] for c in header) + "\n" for r in rows)
+    if set(COLUMNS) - set(header):
+        expected: dict | str = "error"
+    else:
+        expected = reference(
+            [NUMBER_CELLS[r["y"]] for r in rows],
+            [NUMBER_CELLS[r["x"]] for r in rows],
+            [r["f"] for r in rows],
+        )
+    with scratch() as tmp:
+        (tmp / "t.csv").write_text(text)
+        spec = dataset_spec_from_dict(
+            {"name": "p", "format": "csv", "train": "t.csv", "label": "y", "dense": ["x"],
+             "categorical": ["f"]}, base_dir=tmp)  # fmt: skip
+        assert_same(prepared_or_error(spec, tmp / "work"), expected)
+
+
+@FEW
+@given(
+    labels=st.lists(mostly([0, 1], [0, 1, 2, -1, None]), max_size=10),
+    data=st.data(),
+)
+def test_parquet_reads_like_the_reference_or_raises_data_error(labels, data, lookup_path) -> None:
+    n = len(labels)
+    dense = data.draw(
+        st.lists(mostly([0.0, 1.5, -2.0, 7.0, math.nan, None], [math.inf, -math.inf]),
+                 min_size=n, max_size=n))  # fmt: skip
+    strings = data.draw(st.booleans())
+    value = st.sampled_from(["a", "b", "", None]) if strings else st.sampled_from([5, -1, 0, None])
+    categories = data.draw(st.lists(value, min_size=n, max_size=n))
+    table = pa.table(
+        {
+            "y": pa.array(labels, pa.int64()),
+            "x": pa.array(dense, pa.float64()),
+            "f": pa.array(categories, pa.string() if strings else pa.int64()),
+        }
+    )
+    expected = reference(
+        [float(y) if y is not None else None for y in labels],
+        [None if x is None or math.isnan(x) else "inf" if math.isinf(x) else x for x in dense],
+        categories,
+    )
+    with scratch() as tmp:
+        pq.write_table(table, tmp / "t.parquet")
+        spec = dataset_spec_from_dict(
+            {"name": "p", "format": "parquet", "train": "t.parquet", "label": "y", "dense": ["x"],
+             "categorical": ["f"]}, base_dir=tmp)  # fmt: skip
+        assert_same(prepared_or_error(spec, tmp / "work"), expected)
+
+
+@FEW
+@given(content=st.binary(max_size=300) | st.text(alphabet=',\n"ab01 .\r\t\x00', max_size=120))
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "criteo_tsv"])
+def test_any_file_content_is_read_or_refused_with_data_error(fmt: str, content) -> None:
+    """Garbage, empty files and broken quoting: a DataError naming the file, or rows."""
+    data = content.encode() if isinstance(content, str) else content
+    with scratch() as tmp:
+        (tmp / "t.data").write_bytes(data)
+        columns = {"label": "y", "categorical": ["f"]} if fmt != "criteo_tsv" else {
+            "label": "label", "categorical": ["C1"]}  # fmt: skip
+        spec = dataset_spec_from_dict(
+            {"name": "p", "format": fmt, "train": "t.data", **columns}, base_dir=tmp
+        )
+        try:
+            prepare_dataset(spec, tmp / "work")
+        except DataError as e:
+            assert "t.data" in str(e) or "split 'train'" in str(e), str(e)
+
+
+# -- spec loaders ----------------------------------------------------------------------------
+
+DATASET_KEYS = ["name", "format", "train", "valid", "label", "dense", "categorical",
+                "multi_valued", "multi_valued_delimiter", "min_count", "dense_transform",
+                "csv_delimiter", "bogus"]  # fmt: skip
+SCALARS = (
+    st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=True)
+    | st.text(max_size=6) | st.sampled_from(["csv", "parquet", "criteo_tsv", "log1p", "C1", "I1"])
+)  # fmt: skip
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@SOME
+@given(raw=st.dictionaries(st.sampled_from(DATASET_KEYS) | st.integers(0, 3), VALUES,
+                           max_size=10))  # fmt: skip
+def test_dataset_spec_loader_validates_any_mapping(raw) -> None:
+    try:
+        spec = dataset_spec_from_dict(raw)
+    except DataError:
+        return
+    assert spec.format in ("parquet", "csv", "criteo_tsv", "criteo_npy")
+    assert isinstance(spec.label, str) and spec.train
+    assert isinstance(spec.min_count, int) and spec.min_count >= 1
+    names = [spec.label, *spec.dense, *spec.categorical, *spec.multi_valued]
+    assert all(isinstance(n, str) for n in names) and len(names) == len(set(names))
+
+
+JOB_SECTIONS = {
+    "model": ["arch", "embedding_dim", "dense_arch_layer_sizes", "over_arch_layer_sizes"],
+    "compression": ["method", "num_subspaces", "codebook_size", "min_rows", "quantizer"],
+    "training": ["batch_size", "epochs", "eval_every", "dense_lr", "max_steps_per_epoch",
+                 "patience"],
+    "retrain": ["variants", "codebook_lr", "epochs"],
+}  # fmt: skip
+JOB_VALUES = VALUES | st.sampled_from([64, 16, 4, 0, -1, 0.5, 1e-3, [64], [16, 1], ["warm"]])
+
+
+@st.composite
+def job_specs(draw: st.DrawFn) -> dict:
+    raw: dict = {} if draw(st.integers(0, 9)) == 0 else {"data": "data.yaml"}
+    for section, keys in JOB_SECTIONS.items():
+        if draw(st.booleans()):
+            fields = st.dictionaries(st.sampled_from([*keys, "bogus"]), JOB_VALUES, max_size=3)
+            raw[section] = draw(fields | JOB_VALUES)
+    if draw(st.integers(0, 9)) == 0:
+        raw[draw(st.integers(0, 3) | st.text(max_size=3))] = draw(JOB_VALUES)
+    return raw
+
+
+@SOME
+@given(raw=job_specs())
+def test_job_spec_loader_validates_any_yaml(raw) -> None:
+    with scratch() as tmp:
+        (tmp / "job.yaml").write_text(yaml.safe_dump(raw))
+        try:
+            spec = load_job_spec(tmp / "job.yaml")
+        except SpecError as e:
+            assert str(e).startswith(f"{tmp / 'job.yaml'}: "), str(e)
+            return
+    assert isinstance(spec, JobSpec)
+    m, c = spec.model, spec.compression
+    assert m.embedding_dim >= 1 and c.num_subspaces >= 1 and m.embedding_dim % c.num_subspaces == 0
+    assert m.dense_arch_layer_sizes[-1] == m.embedding_dim and m.over_arch_layer_sizes[-1] == 1
+    for t in (spec.training, spec.retrain):
+        assert t.batch_size >= 1 and t.epochs >= 1 and 0 < t.eval_every <= 1
+        assert all(math.isfinite(v) and v >= 0 for v in (t.dense_lr, t.embedding_lr))
+
+
+@FEW
+@given(text=st.text(alphabet="abc:[]{}-, \n\t'\"1", max_size=60))
+def test_any_yaml_text_is_a_spec_or_a_clear_error(text: str) -> None:
+    with scratch() as tmp:
+        (tmp / "s.yaml").write_text(text)
+        with pytest.raises(DataError, match="s.yaml"):
+            load_dataset_spec(tmp / "s.yaml")  # no text of this alphabet names a train file
+        (tmp / "job.yaml").write_text(text)
+        try:
+            load_job_spec(tmp / "job.yaml")
+        except SpecError as e:
+            assert "job.yaml" in str(e)
+
+
+# -- CompressedTable files -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_table() -> Iterator[tuple[CompressedTable, bytes]]:
+    g = torch.Generator().manual_seed(0)
+    table = CompressedTable(
+        torch.randint(0, 16, (40, 4), generator=g, dtype=torch.int64),
+        torch.randn(4, 16, 2, generator=g),
+        {"mse": 0.25, "perplexity": [3.5, 4.0]},
+    )
+    with scratch() as tmp:
+        table.save(tmp / "t.safetensors")
+        yield table, (tmp / "t.safetensors").read_bytes()
+
+
+def same_table(a: CompressedTable, b: CompressedTable) -> bool:
+    return (
+        a.codes.dtype == b.codes.dtype
+        and torch.equal(a.codes, b.codes)
+        and torch.equal(a.codebooks.view(torch.int32), b.codebooks.view(torch.int32))
+        and a.stats == b.stats
+    )
+
+
+@st.composite
+def corruptions(draw: st.DrawFn, size: int) -> list[tuple[int, int]] | int:
+    """1 or 2 bytes overwritten anywhere, or a truncation to fewer bytes (an int)."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(st.integers(0, size - 1))
+    edits = st.tuples(st.integers(0, size - 1), st.integers(0, 255))
+    return draw(st.lists(edits, min_size=1, max_size=2))
+
+
+@SOME
+@given(data=st.data())
+def test_a_corrupted_table_file_is_refused_or_loads_identical(saved_table, data) -> None:
+    table, original = saved_table
+    corruption = data.draw(corruptions(len(original)))
+    if isinstance(corruption, int):
+        corrupted = original[:corruption]
+    else:
+        buffer = bytearray(original)
+        for position, value in corruption:
+            buffer[position] = value
+        corrupted = bytes(buffer)
+    with scratch() as tmp:
+        (tmp / "t.safetensors").write_bytes(corrupted)
+        try:
+            loaded = CompressedTable.load(tmp / "t.safetensors")
+        except TableFileError as e:
+            assert str(tmp / "t.safetensors") in str(e)
+            return
+    assert same_table(loaded, table), corruption
+
+
+@FEW
+@given(data=st.data())
+def test_corrupted_tensor_bytes_are_always_refused(saved_table, data) -> None:
+    _, original = saved_table
+    header = 8 + int.from_bytes(original[:8], "little")
+    positions = data.draw(st.lists(st.integers(header, len(original) - 1), min_size=1,
+                                   max_size=8, unique=True))  # fmt: skip
+    buffer = bytearray(original)
+    for p in positions:
+        buffer[p] ^= data.draw(st.integers(1, 255))
+    with scratch() as tmp:
+        (tmp / "t.safetensors").write_bytes(bytes(buffer))
+        with pytest.raises(TableFileError, match="sha256"):
+            CompressedTable.load(tmp / "t.safetensors")
+
+
+# -- id remap --------------------------------------------------------------------------------
+
+
+@st.composite
+def mec_setups(draw: st.DrawFn) -> tuple[list[EmbeddingBagConfig], dict[str, MECTableConfig]]:
+    tables, compression = [], {}
+    for t in range(draw(st.integers(1, 3))):
+        num_subspaces = draw(st.sampled_from([1, 2, 4]))
+        features = [f"f{t}_{i}" for i in range(draw(st.integers(1, 2)))]
+        tables.append(
+            EmbeddingBagConfig(
+                name=f"t{t}",
+                embedding_dim=4 * num_subspaces,
+                num_embeddings=draw(st.integers(1, 12)),
+                feature_names=features,
+                pooling=draw(st.sampled_from([PoolingType.SUM, PoolingType.MEAN])),
+            )
+        )
+        if draw(st.booleans()):
+            compression[f"t{t}"] = MECTableConfig(num_subspaces, draw(st.integers(1, 8)))
+    return tables, compression
+
+
+@FEW
+@given(setup=mec_setups(), data=st.data(), policy=st.sampled_from(["error", "reserved"]))
+def test_remap_and_lookup_match_a_brute_force_reference(setup, data, policy: str) -> None:
+    tables, compression = setup
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    module = MECEmbeddingBagCollection(tables, compression, unknown_id_policy=policy)
+    size = {f: t.num_embeddings for t in tables for f in t.feature_names}
+    table_of = {f: t for t in tables for f in t.feature_names}
+    keys = data.draw(st.permutations(list(size)))
+    batch = data.draw(st.integers(1, 3))
+    lengths = {f: data.draw(st.lists(st.integers(0, 3), min_size=batch, max_size=batch))
+               for f in keys}  # fmt: skip
+    ids = {f: data.draw(st.lists(st.integers(-3, size[f] + 2), min_size=sum(lengths[f]),
+                                 max_size=sum(lengths[f]))) for f in keys}  # fmt: skip
+    kjt = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.tensor([i for f in keys for i in ids[f]], dtype=torch.int64),
+        lengths=torch.tensor([n for f in keys for n in lengths[f]], dtype=torch.int64),
+    )
+    order = [f for t in tables for f in t.feature_names]  # the module's feature order
+    bad = [(f, i) for f in order for i in ids[f] if not 0 <= i < size[f]]
+    if bad and policy == "error":
+        f, i = bad[0]
+        message = f"table '{table_of[f].name}': id {i} out of range [0, {size[f]}) in feature '{f}'"
+        for call in (module.remap, module):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                call(kjt)
+        return
+    served = {f: [i if 0 <= i < size[f] else size[f] - 1 for i in ids[f]] for f in keys}
+
+    remapped = module.remap(kjt).to_dict()
+    for f in keys:
+        name = table_of[f].name
+        if name in compression:
+            codes = getattr(module.codes, name)
+            for sub in range(compression[name].num_subspaces):
+                got = remapped[f"{f}@{sub}"]
+                assert got.values().tolist() == [int(codes[i, sub]) for i in served[f]]
+                assert got.lengths().tolist() == lengths[f]
+        else:
+            assert remapped[f].values().tolist() == served[f]
+            assert remapped[f].lengths().tolist() == lengths[f]
+
+    decompressed = module.decompress()
+    rows = {t.name: decompressed.embedding_bags[t.name].weight.detach() for t in tables}
+    expected = {}
+    for f in keys:
+        t, start, pooled = table_of[f], 0, []
+        for n in lengths[f]:
+            bag = rows[t.name][served[f][start : start + n]]
+            start += n
+            mean = t.pooling == PoolingType.MEAN and n > 0
+            pooled.append(bag.sum(0) / n if mean else bag.sum(0))
+        expected[f] = torch.stack(pooled)
+    for kernel in ("fused", "tbe"):
+        same = MECEmbeddingBagCollection(tables, compression, unknown_id_policy=policy,
+                                         kernel=kernel)  # fmt: skip
+        same.load_state_dict(module.state_dict())
+        out = same(kjt).to_dict()
+        for f in keys:
+            torch.testing.assert_close(out[f], expected[f], atol=1e-5, rtol=1e-5)
