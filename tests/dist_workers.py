@@ -3,6 +3,7 @@
 Each body records named checks; the pytest side asserts one check per test.
 """
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -39,6 +40,9 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from mec_torchrec.distributed import load_mec_state, make_planner
+from mec_torchrec.distributed.gather import gathered_state_dict
+from mec_torchrec.export import export_model
+from mec_torchrec.export.reader import read_manifest, read_table
 from mec_torchrec.modules import MECEmbeddingBagCollection
 
 SEED = 7
@@ -364,6 +368,7 @@ def codes_body(recorder: CheckRecorder, cases: list[tuple[str, ...]]) -> None:
         "load_tables": check_codes_load_tables,
         "state_dict": check_codes_state_dict,
         "planner": check_codes_planner,
+        "export": check_codes_export,
     }
     for case in cases:
         recorder.run(":".join(case), checks[case[0]], *case[1:])
@@ -398,3 +403,23 @@ def load_codes_checkpoint(checkpoint: str, kind: str, codes_kind: str, seed: int
     loaded, expected = dmp.state_dict(), reference.state_dict()
     for key in (k for k in expected if k.startswith("sparse.")):
         assert_close_to_full(loaded[key], expected[key], key)
+
+
+def check_codes_export(kind: str, codes_kind: str) -> None:
+    """A live model with sharded codes, gathered on rank 0, exports the unsharded artifact."""
+    state = gathered_state_dict(wrap_codes(kind, codes_kind, SEED), prefix="sparse.")
+    if dist.get_rank() != 0:
+        assert state is None
+        return
+    features = {t.name: list(t.feature_names) for t in TABLES}
+    with tempfile.TemporaryDirectory() as root:
+        export_model(state, Path(root, "sharded"), feature_names=features)
+        export_model(reference_mec(SEED), Path(root, "unsharded"))
+        got, want = (read_manifest(Path(root, p)) for p in ("sharded", "unsharded"))
+        assert [t.name for t in got.tables] == [t.name for t in want.tables]
+        for a, b in zip(got.tables, want.tables):
+            mine = read_table(Path(root, "sharded"), a, verify=True)
+            theirs = read_table(Path(root, "unsharded"), b, verify=True)
+            assert mine.keys() == theirs.keys(), a.name
+            for key, tensor in theirs.items():
+                assert torch.equal(mine[key], tensor), (a.name, key)

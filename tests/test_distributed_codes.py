@@ -33,6 +33,8 @@ def cases(world_size: int) -> list[tuple[str, ...]]:
         ("state_dict", "data_parallel", "row_wise"),
         ("state_dict", "data_parallel", "table_wise"),
         ("planner",),
+        ("export", "row_wise", "row_wise"),
+        ("export", "data_parallel", "table_wise"),
     ]
     return out
 
@@ -72,6 +74,14 @@ def test_state_dict_shows_sharded_codes_as_full_size_sharded_tensors(group: tupl
         assert_check(results, name)
 
 
-def test_planner_made_plan_with_sharded_codes_serves_like_the_unsharded_module(group: tuple) -> None:
+def test_planner_made_plan_with_sharded_codes_serves_like_the_unsharded_module(
+    group: tuple,
+) -> None:
     _, results = group
     assert_check(results, "planner")
+
+
+def test_gathered_state_of_sharded_codes_exports_the_unsharded_artifact(group: tuple) -> None:
+    world_size, results = group
+    for name in names(world_size, "export"):
+        assert_check(results, name)

@@ -1,6 +1,7 @@
 """Distributed MEC: the sharder, planner helpers and loading after DistributedModelParallel."""
 
 from mec_torchrec.distributed.codes import ShardedCodes, codes_key, codes_sharding
+from mec_torchrec.distributed.gather import gathered_state_dict
 from mec_torchrec.distributed.loading import load_mec_state
 from mec_torchrec.distributed.planner import (
     MECShardingPlanner,
@@ -32,6 +33,7 @@ __all__ = [
     "codes_key",
     "codes_sharding",
     "describe_codes",
+    "gathered_state_dict",
     "get_default_sharders",
     "load_mec_state",
     "make_planner",
