@@ -369,6 +369,7 @@ def codes_body(recorder: CheckRecorder, cases: list[tuple[str, ...]]) -> None:
         "state_dict": check_codes_state_dict,
         "planner": check_codes_planner,
         "export": check_codes_export,
+        "pipeline": check_codes_pipeline,
     }
     for case in cases:
         recorder.run(":".join(case), checks[case[0]], *case[1:])
@@ -423,3 +424,21 @@ def check_codes_export(kind: str, codes_kind: str) -> None:
             assert mine.keys() == theirs.keys(), a.name
             for key, tensor in theirs.items():
                 assert torch.equal(mine[key], tensor), (a.name, key)
+
+
+def check_codes_pipeline(kind: str, codes_kind: str) -> None:
+    """TrainPipelineSparseDist runs sharded codes; its first output equals the unsharded model's."""
+    dmp = wrap_codes(kind, codes_kind, SEED)
+    batches = [batch(400 + 10 * dist.get_rank() + i) for i in range(3)]
+    _, want_first = reference_model(SEED)(batches[0])
+    pipeline = TrainPipelineSparseDist(dmp, optimizer(dmp), device=CPU, execute_all_batches=True)
+    stream = iter(batches)
+    outputs = [pipeline.progress(stream)]
+    torch.testing.assert_close(outputs[0], want_first, rtol=1e-5, atol=1e-6)
+    while True:
+        try:
+            outputs.append(pipeline.progress(stream))
+        except StopIteration:
+            break
+    assert len(outputs) == len(batches), len(outputs)
+    assert all(torch.isfinite(o).all() for o in outputs)

@@ -35,6 +35,7 @@ def cases(world_size: int) -> list[tuple[str, ...]]:
         ("planner",),
         ("export", "row_wise", "row_wise"),
         ("export", "data_parallel", "table_wise"),
+        ("pipeline", "table_wise", "row_wise"),
     ]
     return out
 
@@ -84,4 +85,10 @@ def test_planner_made_plan_with_sharded_codes_serves_like_the_unsharded_module(
 def test_gathered_state_of_sharded_codes_exports_the_unsharded_artifact(group: tuple) -> None:
     world_size, results = group
     for name in names(world_size, "export"):
+        assert_check(results, name)
+
+
+def test_train_pipeline_sparse_dist_runs_sharded_codes(group: tuple) -> None:
+    world_size, results = group
+    for name in names(world_size, "pipeline"):
         assert_check(results, name)
