@@ -82,11 +82,31 @@ def check_ids(
             return torch.ops.mec_torchrec.checked_ids(
                 values, lengths, feature_sizes, names, reserved
             )
+    _check_jagged(values, lengths, feature_sizes.shape[0])
     per_feature = lengths.view(feature_sizes.shape[0], -1).sum(1)
+    if int(per_feature.sum()) != values.shape[0]:
+        raise ValueError(
+            "input KeyedJaggedTensor: lengths sum to " + str(int(per_feature.sum()))
+            + " but there are " + str(values.shape[0]) + " ids"
+        )  # fmt: skip
     bounds = torch.repeat_interleave(feature_sizes, per_feature, output_size=values.shape[0])
     if bool(((values < 0) | (values >= bounds)).any()):
         return torch.ops.mec_torchrec.checked_ids(values, lengths, feature_sizes, names, reserved)
     return values
+
+
+def _check_jagged(values: torch.Tensor, lengths: torch.Tensor, num_features: int) -> None:
+    """Refuse ids that are not integers and lengths that are negative or not F x B (the
+    lookups would fail with unrelated messages, or read the wrong bags)."""
+    if values.is_floating_point() or values.dtype == torch.bool:
+        raise ValueError("input KeyedJaggedTensor: ids must be integers, got " + str(values.dtype))
+    if lengths.shape[0] % num_features != 0:
+        raise ValueError(
+            "input KeyedJaggedTensor: " + str(lengths.shape[0]) + " lengths for "
+            + str(num_features) + " features"
+        )  # fmt: skip
+    if lengths.shape[0] > 0 and int(lengths.min()) < 0:
+        raise ValueError("input KeyedJaggedTensor: negative length " + str(int(lengths.min())))
 
 
 @torch.fx.wrap
@@ -161,11 +181,18 @@ def pooled_lookup(
             code_ids = codes[slot].index_select(0, ids).long() + code_bases[slot]
             rows = codebooks[slot].index_select(0, code_ids.reshape(-1)).view(n, dim)
             positions = torch.arange(n, device=ids.device)
-            pooled = F.embedding_bag(positions, rows, offsets, mode="sum", per_sample_weights=w,
-                                     include_last_offset=True)
+            pooled = F.embedding_bag(
+                positions, rows, offsets, mode="sum", per_sample_weights=w, include_last_offset=True
+            )
         else:
-            pooled = F.embedding_bag(ids, full_weights[-1 - slot], offsets, mode="sum",
-                                     per_sample_weights=w, include_last_offset=True)
+            pooled = F.embedding_bag(
+                ids,
+                full_weights[-1 - slot],
+                offsets,
+                mode="sum",
+                per_sample_weights=w,
+                include_last_offset=True,
+            )
         if table_is_mean[t]:
             pooled = pooled / bag_lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
         if num > 1:
