@@ -1,10 +1,15 @@
 """Sharded training throughput and embedding bytes per rank: plain EBC vs MEC, same run.
 
+Three models: plain, MEC with replicated codes (`mec`), and MEC with every compressed table's
+codes sharded row-wise over the ranks (`mec_sharded_codes`: ids travel to the rank owning their
+rows, which remaps them; see mec_torchrec/distributed/codes.py).
+
 Criteo Kaggle-shaped tables (the 26 cardinalities of MEC.md times --scale, dim --dim). The plain
 EmbeddingBagCollection is planned by TorchRec's stock planner with TorchRec's default sharders;
 the MEC collection (tables of >= --min-rows rows at full scale compressed with L subspaces and
 K-entry codebooks, the rest full; uniform random codes loaded after DMP) by `make_planner` with
-`get_default_sharders()`. Both start on the meta device. Both train the
+`get_default_sharders()` (codes placed by --codes for `mec_sharded_codes`). All start on the meta
+device. All train the
 same model (embeddings -> linear head -> BCE) on the same random one-hot batches with FBGEMM's
 fused row-wise Adagrad for sharded tables and torch Adagrad for everything else.
 
@@ -14,9 +19,9 @@ activation over 32 MiB to the OS and page-faulting it back in each step, see doc
     export MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000
     .venv/bin/torchrun --nproc_per_node 2 tools/bench/sharded.py --scale 0.25
 
-Both models are built first, then timed in alternating rounds of --steps steps; each keeps its
-best round (the host may be shared). Rank 0 prints one row per model and the MEC / plain ratios;
---json writes them too.
+All models are built first, then timed in alternating rounds of --steps steps; each keeps its
+best round (the host may be shared). Rank 0 prints one row per model, the MEC / plain ratios and
+the sharded / replicated codes ratios; --json writes them too.
 """
 
 import argparse
@@ -98,7 +103,10 @@ def build(kind: str, args: argparse.Namespace) -> tuple[Model, list[ModuleSharde
         }
         sparse = MECEmbeddingBagCollection(configs, compression, device=torch.device("meta"))
         sharders = [*torchrec_default_sharders(), MECEmbeddingBagCollectionSharder(ebc_sharder)]
-        planner = make_planner(topology, args.batch_size)
+        codes = "data_parallel" if kind == "mec" else args.codes
+        planner = make_planner(
+            topology, args.batch_size, codes_sharding=dict.fromkeys(compression, codes)
+        )
     return Model(sparse, args.dim * len(configs)), sharders, planner
 
 
@@ -155,7 +163,14 @@ class Trainer:
         self.kind = kind
         mec = model.sparse if isinstance(model.sparse, MECEmbeddingBagCollection) else None
         compressed = random_compressed_tables(mec) if mec is not None else {}
-        self.sharding_types = dict(Counter(ps.sharding_type for ps in plan.plan["sparse"].values()))
+        self.sharding_types = dict(
+            Counter(ps.sharding_type for name, ps in plan.plan["sparse"].items()
+                    if not name.startswith("codes."))
+        )
+        self.codes_types = dict(
+            Counter(ps.sharding_type for name, ps in plan.plan["sparse"].items()
+                    if name.startswith("codes."))
+        )
         self.dmp = DistributedModelParallel(
             model, env=ShardingEnv.from_process_group(pg), device=torch.device("cpu"),
             plan=plan, sharders=sharders,
@@ -185,8 +200,8 @@ class Trainer:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         return float(elapsed)
 
-    def bytes_per_rank(self) -> list[int]:
-        mine = torch.tensor([float(local_bytes(self.dmp.state_dict(), "sparse."))])
+    def bytes_per_rank(self, prefix: str = "sparse.") -> list[int]:
+        mine = torch.tensor([float(local_bytes(self.dmp.state_dict(), prefix))])
         every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(every, mine)
         return [int(b) for b in every]
@@ -198,7 +213,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
     Alternating rounds on the same warm process share whatever else loads the host, so the ratio
     of the best rounds is fairer than two back-to-back runs.
     """
-    trainers = [Trainer("plain", args), Trainer("mec", args)]
+    trainers = [Trainer(kind, args) for kind in ("plain", "mec", "mec_sharded_codes")]
     for trainer in trainers:
         trainer.time(args.warmup)
     best = {t.kind: float("inf") for t in trainers}
@@ -211,7 +226,9 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
             "model": t.kind,
             "samples_per_s": global_batch * args.steps / best[t.kind],
             "embedding_bytes_per_rank": t.bytes_per_rank(),
+            "codes_bytes_per_rank": t.bytes_per_rank("sparse.codes."),
             "sharding_types": t.sharding_types,
+            "codes_sharding_types": t.codes_types,
         }
         for t in trainers
     ]
@@ -229,6 +246,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="per timed round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; best kept")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--codes", choices=["row_wise", "table_wise"], default="row_wise",
+                        help="placement of every compressed table's codes in mec_sharded_codes")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -236,19 +255,27 @@ def main() -> None:
     dist.init_process_group("gloo")
     rows = measure(args)
     if dist.get_rank() == 0:
-        plain, mec = rows
+        plain, mec, sharded = rows
         for row in rows:
             mib = [round(b / 2**20, 1) for b in row["embedding_bytes_per_rank"]]
-            print(f"{row['model']:>5}: {row['samples_per_s']:10.0f} samples/s  "
-                  f"embedding MiB per rank {mib}  plan {row['sharding_types']}")
+            codes_mib = [round(b / 2**20, 1) for b in row["codes_bytes_per_rank"]]
+            print(f"{row['model']:>17}: {row['samples_per_s']:10.0f} samples/s  "
+                  f"embedding MiB per rank {mib} (codes {codes_mib})  "
+                  f"plan {row['sharding_types']} codes {row['codes_sharding_types']}")
         speed = mec["samples_per_s"] / plain["samples_per_s"]
         memory = max(plain["embedding_bytes_per_rank"]) / max(mec["embedding_bytes_per_rank"])
         print(f"MEC / plain: {speed:.2f}x samples/s, {memory:.1f}x less embedding memory on the "
               f"fullest rank (world {dist.get_world_size()}, threads/rank "
               f"{torch.get_num_threads()}, {vars(args)})")
+        codes_speed = sharded["samples_per_s"] / mec["samples_per_s"]
+        codes_memory = max(mec["embedding_bytes_per_rank"]) / max(
+            sharded["embedding_bytes_per_rank"])
+        print(f"sharded / replicated codes: {codes_speed:.2f}x samples/s, {codes_memory:.2f}x "
+              f"less embedding memory on the fullest rank")
         if args.json:
             args.json.write_text(json.dumps(
                 {"rows": rows, "speed_ratio": speed, "memory_ratio": memory,
+                 "codes_speed_ratio": codes_speed, "codes_memory_ratio": codes_memory,
                  "args": {k: str(v) for k, v in vars(args).items()},
                  "world_size": dist.get_world_size(), "host_cpus": os.cpu_count()}, indent=1))
     dist.destroy_process_group()
