@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
+from test_export import make_mec
 from torchrec import KeyedJaggedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
@@ -35,7 +36,7 @@ from mec_torchrec.data.spec import (
     dataset_spec_from_dict,
     load_dataset_spec,
 )
-from mec_torchrec.export import ArtifactError
+from mec_torchrec.export import ArtifactError, MECInferenceEmbeddingBagCollection, export_model
 from mec_torchrec.export.reader import read_manifest
 from mec_torchrec.modules.config import MECTableConfig
 from mec_torchrec.quantize import CompressedTable, TableFileError
@@ -170,6 +171,17 @@ def kjt(keys: list[str], values: list, lengths: list[int], weights: list | None 
         values=torch.tensor(values),
         lengths=torch.tensor(lengths),
         weights=None if weights is None else torch.tensor(weights),
+    )
+    return lambda: module(features)
+
+
+def serving(tmp: Path, values: list, lengths: list[int]) -> Callable[[], object]:
+    """The action: the serving module of an exported artifact (features a..e) on a KJT."""
+    export_model(make_mec(), tmp / "art", "fp32")
+    module = MECInferenceEmbeddingBagCollection.load(tmp / "art")
+    keys = ["a", "b", "c", "d", "e"]
+    features = KeyedJaggedTensor(
+        keys=keys, values=torch.tensor(values), lengths=torch.tensor(lengths)
     )
     return lambda: module(features)
 
@@ -311,6 +323,15 @@ CASES = [
          ValueError, "3 lengths for 2 keys x batch size 1"),
     Case("kjt-weights-count", lambda t: kjt(["a", "b"], [1, 2], [1, 1], weights=[0.5]),
          ValueError, "1 weights for 2 ids"),
+    # KJTs into the serving module
+    Case("serving-kjt-lengths-do-not-sum-to-ids",
+         lambda t: serving(t, [1, 2, 3, 4, 5, 6, 7], [1, 1, 1, 1, 1]),
+         ValueError, "lengths sum to 5 but there are 7 ids"),
+    Case("serving-kjt-negative-length",
+         lambda t: serving(t, [1, 2, 3, 1, 1, 1], [3, -1, 1, 0, 1, 0, 1, 0, 1, 0]),
+         ValueError, "input KeyedJaggedTensor: negative length -1"),
+    Case("serving-kjt-float-ids", lambda t: serving(t, [1.0, 2, 3, 4, 5], [1, 1, 1, 1, 1]),
+         ValueError, "ids must be integers, got torch.float32"),
     # commands
     Case("mec-export-features-not-json",
          lambda t: command(mec_main, ["export", "--checkpoint", str(t), "--out", str(t / "o"),
