@@ -136,6 +136,7 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         )
         self._kernel = kernel
         self._fused_plan = _fused.build_plan(layout)
+        self.register_load_state_dict_post_hook(_check_loaded_codes)
 
     # -- EmbeddingBagCollectionInterface -------------------------------------------------------
 
@@ -393,6 +394,20 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def _config(self, name: str) -> EmbeddingBagConfig:
         return next(t for t in self._embedding_bag_configs if t.name == name)
+
+
+def _check_loaded_codes(module: MECEmbeddingBagCollection, _incompatible: object) -> None:
+    """After ``load_state_dict``: codes outside [0, K) would make the fused kernel read past the
+    codebooks (the TBE path raises), so they are refused, naming the table."""
+    for name, mec in module.compression.items():
+        codes: torch.Tensor = getattr(module.codes, name)
+        if codes.numel() and codes.device.type != "meta":
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < 0 or hi >= mec.codebook_size:
+                raise ValueError(
+                    f"table {name!r}: loaded codes out of range [0, {mec.codebook_size}): "
+                    f"min {lo}, max {hi} (a state dict of another codebook size?)"
+                )
 
 
 def _copy_config(config: EmbeddingBagConfig) -> EmbeddingBagConfig:
