@@ -186,12 +186,25 @@ def serving(tmp: Path, values: list, lengths: list[int]) -> Callable[[], object]
     return lambda: module(features)
 
 
-def dlrm_main(tmp: Path, *args: str, spec: str = "job.yaml") -> Callable[[], object]:
+def state_dict_with_codes(codes: torch.Tensor) -> Callable[[], object]:
+    """The action: a MEC collection (t_a: N = 10, L = 2, K = 4) loads a state dict with ``codes``."""
+    tables = [
+        EmbeddingBagConfig(name="t_a", embedding_dim=8, num_embeddings=10, feature_names=["a"])
+    ]
+    module = MECEmbeddingBagCollection(tables, {"t_a": MECTableConfig(2, 4)})
+    state = {**module.state_dict(), "codes.t_a": codes}
+    return lambda: module.load_state_dict(state)
+
+
+def dlrm_main(
+    tmp: Path, *args: str, spec: str = "job.yaml", labels: list[int] | None = None
+) -> Callable[[], object]:
     """The action: ``python -m apps.dlrm.main --spec SPEC --out OUT ARGS``, job.yaml naming a
-    16-row dataset."""
+    16-row dataset (with ``labels`` when given)."""
     from apps.dlrm.main import main
 
-    pq.write_table(pa.table({"y": [0, 1] * 8, "f": list(range(16))}), tmp / "t.parquet")
+    y = labels or [0, 1] * 8
+    pq.write_table(pa.table({"y": y, "f": list(range(len(y)))}), tmp / "t.parquet")
     data = {"name": "t", "format": "parquet", "train": "t.parquet", "label": "y"}
     (tmp / "data.yaml").write_text(yaml.safe_dump({**data, "categorical": ["f"]}))
     (tmp / "job.yaml").write_text("data: data.yaml\n")
@@ -323,6 +336,9 @@ CASES = [
          ValueError, "3 lengths for 2 keys x batch size 1"),
     Case("kjt-weights-count", lambda t: kjt(["a", "b"], [1, 2], [1, 1], weights=[0.5]),
          ValueError, "1 weights for 2 ids"),
+    Case("state-dict-codes-out-of-range",
+         lambda t: state_dict_with_codes(torch.full((10, 2), 200, dtype=torch.uint8)),
+         ValueError, "table 't_a': loaded codes out of range [0, 4): min 200, max 200"),
     # KJTs into the serving module
     Case("serving-kjt-lengths-do-not-sum-to-ids",
          lambda t: serving(t, [1, 2, 3, 4, 5, 6, 7], [1, 1, 1, 1, 1]),
@@ -357,6 +373,8 @@ CASES = [
          ExitStatus, "absent.yaml: no such job spec"),
     Case("dlrm-main-unknown-stage", lambda t: dlrm_main(t, "--stage", "quantize"),
          ExitStatus, "argument --stage: invalid choice: 'quantize'"),
+    Case("dlrm-main-bad-data", lambda t: dlrm_main(t, labels=[0, 1, 3, 1]),
+         ExitStatus, "t.parquet row 2, column 'y': label 3.0 is not 0 or 1"),
     Case("dlrm-main-stage-before-its-inputs", lambda t: dlrm_main(t, "--stage", "train"),
          ExitStatus, "--stage train needs"),
 ]
