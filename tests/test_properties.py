@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -225,7 +226,8 @@ DATASET_KEYS = ["name", "format", "train", "valid", "label", "dense", "categoric
                 "csv_delimiter", "bogus"]  # fmt: skip
 SCALARS = (
     st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=True)
-    | st.text(max_size=6) | st.sampled_from(["csv", "parquet", "criteo_tsv", "log1p", "C1", "I1"])
+    | st.text(max_size=6)
+    | st.sampled_from(["csv", "parquet", "criteo_tsv", "log1p", "C1", "I1", ";", "\x00", "\n"])
 )  # fmt: skip
 VALUES = st.recursive(
     SCALARS,
@@ -249,6 +251,7 @@ def test_dataset_spec_loader_validates_any_mapping(raw) -> None:
     assert isinstance(spec.min_count, int) and spec.min_count >= 1
     names = [spec.label, *spec.dense, *spec.categorical, *spec.multi_valued]
     assert all(isinstance(n, str) for n in names) and len(names) == len(set(names))
+    pacsv.ParseOptions(delimiter=spec.csv_delimiter)  # the reader can use it
 
 
 JOB_SECTIONS = {

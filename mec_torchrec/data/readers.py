@@ -257,7 +257,7 @@ def iter_source_batches(spec: DatasetSpec, split: str) -> Iterator[SourceBatch]:
     total = 0
     for path in files:
         if not path.is_file():
-            raise DataError(f"{path}: file not found")
+            raise DataError(f"{path}: file not found (or not a regular file)")
         row = 0
         for batch in _READERS[spec.format](spec, path):
             if batch.num_rows == 0:

@@ -133,8 +133,11 @@ def dataset_spec_from_dict(raw: dict[str, Any], base_dir: str | os.PathLike = ".
     if delimiter is not None and (not isinstance(delimiter, str) or not delimiter):
         raise DataError(f"{where}: multi_valued_delimiter must be a non-empty string")
     csv_delimiter = raw.get("csv_delimiter", ",")
-    if not isinstance(csv_delimiter, str) or len(csv_delimiter) != 1:
-        raise DataError(f"{where}: csv_delimiter must be one character, got {csv_delimiter!r}")
+    # pyarrow's CSV parser takes one printable ASCII byte or a tab; '"' quotes values.
+    if (not isinstance(csv_delimiter, str) or len(csv_delimiter) != 1 or csv_delimiter == '"'
+            or not (csv_delimiter == "\t" or csv_delimiter.isascii() and csv_delimiter.isprintable())):
+        raise DataError(f"{where}: csv_delimiter must be a tab or one printable ASCII character "
+                        f"other than '\"', got {csv_delimiter!r}")
     return DatasetSpec(
         name=str(raw["name"]), format=fmt, label=label, min_count=min_count,
         dense_transform=transform, multi_valued_delimiter=delimiter, csv_delimiter=csv_delimiter,
