@@ -12,6 +12,16 @@ On a cluster (N hosts x 8 GPUs, nccl; see docs/app.md)::
 The component is ``torchx.components.dist.ddp`` running ``python -m apps.dlrm.main``: torchrun on
 every host, c10d rendezvous on the first one. Paths (spec, out, the data the spec names) must be
 visible to every host (a shared filesystem, or ``--mounts`` with a container image).
+
+Retries (``--max_retries N``): torchx's ``dist.ddp`` only hands ``max_retries`` to the scheduler,
+and the local schedulers (``local_cwd``, ``local_docker``) do not retry at all. So this component
+also gives torchrun ``--max-restarts N``: when a worker dies, torchrun's elastic agent stops the
+other workers of its host and restarts them all (``TORCHELASTIC_RESTART_COUNT`` counts the
+attempts), on every scheduler. A restarted attempt resumes from the checkpoints (the app reads
+the counter). Each attempt gets a fresh rendezvous store (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE``
+is set): with the agent's store shared, restarted gloo ranks hang connecting to the dead ones.
+Schedulers that resubmit failed replicas (Slurm, Kubernetes) retry up to N times more when a
+whole host or its agent fails; pass ``--resume True`` for those attempts to resume.
 """
 
 # torchx parses component signatures from the source (file_linter) and understands only
@@ -56,7 +66,8 @@ def dlrm_mec(
         memMB: host memory in MB
         h: a registered named resource (overrides cpu, gpu, memMB)
         env: extra environment variables, e.g. NCCL_DEBUG=INFO
-        max_retries: scheduler retries (combine with ``resume`` to continue after a failure)
+        max_retries: restarts after a failed worker (torchrun ``--max-restarts``; they resume)
+            and scheduler retries of a failed host (combine with ``resume`` for those)
         rdzv_port: c10d rendezvous port on the first host (multi-host only)
         mounts: mounts for container schedulers (type=bind,src=/data,dst=/data)
     """
@@ -65,7 +76,12 @@ def dlrm_mec(
     args = ["--spec", spec, "--out", out, "--stage", stage]
     if resume:
         args.append("--resume")
-    return dist.ddp(
+    env = dict(env or {})
+    if max_retries:
+        # A fresh rendezvous store per attempt: with the agent's store shared (torch's default),
+        # restarted gloo ranks read the dead attempt's addresses and hang (pytorch#135712).
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    app = dist.ddp(
         *args,
         m="apps.dlrm.main",
         image=image,
@@ -80,3 +96,12 @@ def dlrm_mec(
         rdzv_port=rdzv_port,
         mounts=mounts,
     )
+    if max_retries:
+        role = app.roles[0]
+        command = role.args[1]
+        if role.args[0] != "-c" or not command.startswith("torchrun "):
+            raise RuntimeError(
+                f"unexpected torchx ddp command, cannot add --max-restarts: {command}"
+            )
+        role.args[1] = f"torchrun --max-restarts {max_retries} {command[len('torchrun ') :]}"
+    return app

@@ -27,7 +27,7 @@ from torchrec.metrics.ne import NEMetric
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
-from apps.dlrm import checkpoint
+from apps.dlrm import checkpoint, faults
 from apps.dlrm.model import Env
 from apps.dlrm.spec import TrainingSpec
 
@@ -134,10 +134,10 @@ def train_stage(
 ) -> dict[str, Any]:
     """Run one training stage; returns ``{"valid": best, "test": ..., "history": [...], ...}``.
 
-    ``work/last`` (model + optimizer + progress) is rewritten after every evaluation and
-    ``work/best`` (model) whenever valid AUC improves. With ``eval_at_start`` the untrained state
-    is evaluated first (valid and test, returned as ``start``) and competes for best (stage 3:
-    MEC with no retraining).
+    ``work/last`` (model + optimizer + progress) is rewritten after every evaluation (the one
+    before kept as ``work/last.prev``) and ``work/best`` (model) whenever valid AUC improves.
+    With ``eval_at_start`` the untrained state is evaluated first (valid and test, returned as
+    ``start``) and competes for best (stage 3: MEC with no retraining).
     """
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
     steps_per_epoch = max(1, data.train_rows // (spec.batch_size * env.world_size))
@@ -176,14 +176,16 @@ def train_stage(
         )
 
     p = Progress()
-    if resume and checkpoint.exists(last):
+    # The newest intact `last` (or `last.prev` when `last` is corrupted): see checkpoint.latest.
+    found = checkpoint.latest(last, lambda msg: log(f"[{name}] {msg}")) if resume else None
+    if found is not None:
         if hasattr(optimizer, "init_state"):
             optimizer.init_state()  # materialise the dense optimizer state the checkpoint fills
         state = _state(dmp, optimizer)
-        p = Progress(**checkpoint.load(last, state))
+        p = Progress(**checkpoint.load(found, state))
         dmp.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optim"])
-        log(f"[{name}] resumed at epoch {p.epoch} step {p.step_in_epoch}")
+        log(f"[{name}] resumed at epoch {p.epoch} step {p.step_in_epoch} from {found}")
     elif eval_at_start:
         record(run_eval("valid", spec.max_eval_batches), p)
         p.start = {"valid": p.history[-1], "test": run_eval("test", None)}
@@ -217,6 +219,7 @@ def train_stage(
                     break
                 steps += 1
                 bar.update(samples_per_step)
+                faults.kill_point(name, p.global_step + steps, env.rank)
             p.train_seconds += time.perf_counter() - start
             p.step_in_epoch += steps
             p.global_step += steps
@@ -229,7 +232,7 @@ def train_stage(
             if epoch_done:
                 p.epoch, p.step_in_epoch = p.epoch + 1, 0
             start = time.perf_counter()
-            checkpoint.save(last, _state(dmp, optimizer), env, progress=vars(p))
+            checkpoint.save(last, _state(dmp, optimizer), env, progress=vars(p), keep_previous=True)
             p.checkpoint_seconds += time.perf_counter() - start
             if epoch_done or p.stopped_early:
                 break

@@ -15,13 +15,16 @@
    warm model is evaluated too (``mec_no_retrain``).
 
 Each stage writes ``DIR/<stage>/result.json``; rank 0 then rewrites ``DIR/report.json`` and the
-plots from whatever results exist. Without ``--resume`` a requested stage starts over.
+plots from whatever results exist. Without ``--resume`` a requested stage starts over; an attempt
+restarted by torchrun's agent (``TORCHELASTIC_RESTART_COUNT`` > 0) always resumes. Before any
+work, ``DIR`` must be writable and hold the checkpoints the requested stages will write.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -36,7 +39,7 @@ import torch.distributed as dist
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.sharding_plan import get_default_sharders as torchrec_sharders
 
-from apps.dlrm import checkpoint, report
+from apps.dlrm import checkpoint, faults, report
 from apps.dlrm.loop import StageData, train_stage
 from apps.dlrm.model import (
     Env,
@@ -50,7 +53,7 @@ from apps.dlrm.model import (
 )
 from apps.dlrm.spec import JobSpec, SpecError, load_job_spec, spec_to_dict
 from mec_torchrec.data import DataError, ProcessedDataset, load_dataset_spec, prepare_dataset
-from mec_torchrec.io import atomic_write_text
+from mec_torchrec.io import StorageError, atomic_write_text, check_output_dir, file_sha256
 
 STAGES = ("pretrain", "compress", "train")
 
@@ -173,7 +176,7 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
 
     work = out / "compress"
     fresh(work, resume, env)
-    c, log = spec.compression, log_for(env)
+    c = spec.compression
     tables = table_configs(ds.feature_names, ds.num_embeddings, spec.model.embedding_dim)
     big = sorted(
         (t for t in tables if t.num_embeddings >= c.min_rows), key=lambda t: -t.num_embeddings
@@ -183,24 +186,46 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
     for t in big:
         owner[t.name] = min(range(env.world_size), key=load.__getitem__)
         load[owner[t.name]] += t.num_embeddings
+    settings = {
+        "method": c.method,
+        "num_subspaces": c.num_subspaces,
+        "codebook_size": c.codebook_size,
+        "quantizer": c.quantizer,
+    }
     quantizer = (quantize.MECQuantizer if c.method == "mec" else quantize.PQQuantizer)(
         num_subspaces=c.num_subspaces, codebook_size=c.codebook_size, **c.quantizer
     )
+    best = out / "pretrain" / "best"
+    checkpoint.require(best)  # all ranks hash a share; then each reads its tables alone
+    done = 0
     for t in big:
-        info = work / f"{t.name}.json"
-        if owner[t.name] != env.rank or (resume and info.exists()):
+        if owner[t.name] != env.rank:
             continue
         weight = torch.empty(t.num_embeddings, t.embedding_dim)
-        checkpoint.load_local(out / "pretrain" / "best", {"model": {table_key(t.name): weight}})
+        checkpoint.load_local(best, {"model": {table_key(t.name): weight}})
+        counts = ds.counts(t.feature_names[0])
+        inputs = inputs_sha256(weight, counts, settings)
+        path, info = work / f"{t.name}.safetensors", work / f"{t.name}.json"
+        if resume:
+            redo = redo_reason(path, info, inputs)
+            if redo is None:
+                say(env, f"[compress] {t.name}: done already (input and file checksums match)")
+                continue
+            say(env, f"[compress] {t.name}: {redo}: quantizing")
         start = time.perf_counter()
-        table = quantizer.fit(weight, ds.counts(t.feature_names[0]))
+        table = quantizer.fit(weight, counts)
         seconds = time.perf_counter() - start
-        table.save(work / f"{t.name}.safetensors")
-        atomic_write_text(info, json.dumps(table_summary(table, weight, seconds)))
-        log(
+        table.save(path)
+        # The record is written last: it marks the table done, with what it was made from.
+        record = {**table_summary(table, weight, seconds), "inputs_sha256": inputs}
+        atomic_write_text(info, json.dumps({**record, "sha256": file_sha256(path)}))
+        say(
+            env,
             f"[compress] {t.name}: {t.num_embeddings} rows, {table.compression_ratio:.1f}x, "
-            f"{seconds:.1f}s"
+            f"{seconds:.1f}s",
         )
+        done += 1
+        faults.kill_point("compress", done, env.rank)
     dist.barrier()
     return {
         "method": c.method,
@@ -216,6 +241,35 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
             if t.num_embeddings < c.min_rows
         },
     }
+
+
+def say(env: Env, msg: str) -> None:
+    """Log from any rank (compress: each rank reports its own tables)."""
+    print(f"{time.strftime('%H:%M:%S')} rank {env.rank} {msg}", file=sys.stderr, flush=True)
+
+
+def inputs_sha256(weight: torch.Tensor, counts: torch.Tensor, settings: dict[str, Any]) -> str:
+    """Checksum of what a compressed table is made from: weights, id counts, quantizer settings."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for tensor in (weight, counts):
+        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def redo_reason(path: Path, info: Path, inputs: str) -> str | None:
+    """Why a table must be quantized again on resume, or None when its saved file is good."""
+    if not info.exists() or not path.exists():
+        return "not done"
+    try:
+        record = json.loads(info.read_text())
+    except ValueError:
+        return f"{info.name} is unreadable"
+    if record.get("inputs_sha256") != inputs:
+        return "its inputs changed (pretrained weights, id counts or quantizer settings)"
+    if record.get("sha256") != file_sha256(path):
+        return f"{path.name} does not match its recorded sha256"
+    return None
 
 
 def table_summary(table: Any, weight: torch.Tensor, seconds: float) -> dict[str, Any]:
@@ -326,6 +380,40 @@ def retrain_variant(
     )
 
 
+def on_main(env: Env, check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0; a StorageError it raises is raised on every rank (none waits)."""
+    box: list[tuple[int, str] | None] = [None]
+    if env.is_main:
+        try:
+            check()
+        except StorageError as e:
+            box = [(e.errno, e.strerror)]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise StorageError(*box[0])
+
+
+def output_bytes(spec: JobSpec, ds: ProcessedDataset, stages: list[str]) -> int:
+    """A lower bound on the peak bytes ``stages`` write: model weights, no optimizer state.
+
+    A training stage holds ``best``, ``last``, ``last.prev`` and the ``last`` being written (4
+    copies of the weights); compress writes codes and codebooks; train does so per variant.
+    """
+    dim, c = spec.model.embedding_dim, spec.compression
+    rows = [ds.num_embeddings[f] for f in ds.feature_names]
+    full = sum(rows) * dim * 4
+    code_bytes = 1 if c.codebook_size <= 256 else 2
+    codebooks = c.codebook_size * dim * 4
+    compressed = sum(n * c.num_subspaces * code_bytes + codebooks for n in rows if n >= c.min_rows)
+    small = sum(n * dim * 4 for n in rows if n < c.min_rows)
+    sizes = {
+        "pretrain": 4 * full,
+        "compress": compressed,
+        "train": 4 * (compressed + small) * len(spec.retrain.variants),
+    }
+    return sum(sizes[s] for s in stages)
+
+
 def _missing_inputs(out: Path, stage: str) -> str | None:
     """What a stage run alone needs from the stages before it, if absent."""
     if stage in ("compress", "train") and not checkpoint.exists(out / "pretrain" / "best"):
@@ -342,35 +430,48 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"apps.dlrm.main: error: {e}", file=sys.stderr)
         return 2
+    try:
+        faults.target()
+    except ValueError as e:
+        print(f"apps.dlrm.main: error: {e}", file=sys.stderr)
+        return 2
     env = init_distributed()
     log = log_for(env)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if env.is_main:
-        atomic_write_text(out / "spec.json", json.dumps(spec_to_dict(spec), indent=1))
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    # A restarted attempt continues from the checkpoints the failed one left.
+    resume = args.resume or restarts > 0
     log(f"world size {env.world_size}, device {env.device}, backend {env.backend}")
+    if restarts:
+        log(f"restart {restarts} by torchrun's agent: resuming from {out}")
     stages = STAGES if args.stage == "all" else (args.stage,)
     try:
+        on_main(env, lambda: check_output_dir(out))
         ds = load_data(spec, out, env)
         missing = _missing_inputs(out, stages[0])
         if missing:
             raise DataError(f"--stage {stages[0]} needs {missing}: run the earlier stages first")
-    except DataError as e:
+        todo = [s for s in stages if not (resume and (out / s / "result.json").exists())]
+        needed = output_bytes(spec, ds, todo)
+        on_main(env, lambda: check_output_dir(out, needed, f"stages {', '.join(todo)}"))
+    except (DataError, StorageError) as e:
         log(f"error: {e}")
         dist.destroy_process_group()
         return 2
+    if env.is_main:
+        atomic_write_text(out / "spec.json", json.dumps(spec_to_dict(spec), indent=1))
     for stage in stages:
         result_path = out / stage / "result.json"
-        if args.resume and result_path.exists():
+        if resume and result_path.exists():
             log(f"[{stage}] done already ({result_path}); skipped")
             continue
         start = time.perf_counter()
         if stage == "pretrain":
-            result = pretrain(spec, ds, env, out, args.resume)
+            result = pretrain(spec, ds, env, out, resume)
         elif stage == "compress":
-            result = compress(spec, ds, env, out, args.resume)
+            result = compress(spec, ds, env, out, resume)
         else:
-            result = retrain(spec, ds, env, out, args.resume)
+            result = retrain(spec, ds, env, out, resume)
         result["seconds"] = time.perf_counter() - start
         if env.is_main:
             atomic_write_text(result_path, json.dumps(result, indent=1))
