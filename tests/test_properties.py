@@ -7,6 +7,7 @@ exception, never a silently different result.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -14,6 +15,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 from torchrec import KeyedJaggedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
@@ -33,6 +36,7 @@ from mec_torchrec import MECEmbeddingBagCollection
 from mec_torchrec.data import DataError, prepare_dataset
 from mec_torchrec.data import vocab as vocab_module
 from mec_torchrec.data.spec import DatasetSpec, dataset_spec_from_dict, load_dataset_spec
+from mec_torchrec.export import MECInferenceEmbeddingBagCollection, export_model
 from mec_torchrec.modules.config import MECTableConfig
 from mec_torchrec.quantize import CompressedTable, TableFileError
 
@@ -334,6 +338,17 @@ def same_table(a: CompressedTable, b: CompressedTable) -> bool:
     )
 
 
+def test_version_1_files_without_a_checksum_still_load(saved_table) -> None:
+    """Files written before the checksum (format version 1) load as they were."""
+    table, _ = saved_table
+    meta = {"format": "mec_torchrec.CompressedTable", "version": "1",
+            "stats": json.dumps(table.stats, sort_keys=True)}  # fmt: skip
+    with scratch() as tmp:
+        save_file({"codes": table.codes, "codebooks": table.codebooks},
+                  str(tmp / "v1.safetensors"), metadata=meta)  # fmt: skip
+        assert same_table(CompressedTable.load(tmp / "v1.safetensors"), table)
+
+
 @st.composite
 def corruptions(draw: st.DrawFn, size: int) -> list[tuple[int, int]] | int:
     """1 or 2 bytes overwritten anywhere, or a truncation to fewer bytes (an int)."""
@@ -404,64 +419,117 @@ def mec_setups(draw: st.DrawFn) -> tuple[list[EmbeddingBagConfig], dict[str, MEC
     return tables, compression
 
 
-@FEW
-@given(setup=mec_setups(), data=st.data(), policy=st.sampled_from(["error", "reserved"]))
-def test_remap_and_lookup_match_a_brute_force_reference(setup, data, policy: str) -> None:
-    tables, compression = setup
-    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+@dataclass
+class Lookup:
+    """A drawn KJT for a MEC collection and what a brute-force reading of it gives."""
+
+    module: MECEmbeddingBagCollection
+    kjt: KeyedJaggedTensor
+    ids: dict[str, list[int]]  # per feature, as drawn (out-of-range ones included)
+    lengths: dict[str, list[int]]
+    first_bad: str | None  # the out-of-range message the module must raise, if any
+
+    def served(self, feature: str) -> list[int]:
+        """The rows read: an out-of-range id reads the table's last row (policy "reserved")."""
+        n = self.size(feature)
+        return [i if 0 <= i < n else n - 1 for i in self.ids[feature]]
+
+    def size(self, feature: str) -> int:
+        return self.table(feature).num_embeddings
+
+    def table(self, feature: str) -> EmbeddingBagConfig:
+        return next(t for t in self.module.embedding_bag_configs() if feature in t.feature_names)
+
+    def pooled(self) -> dict[str, torch.Tensor]:
+        """Per feature [B, D]: each bag's decoded rows summed (or averaged), brute force."""
+        decompressed = self.module.decompress()
+        out = {}
+        for f, lengths in self.lengths.items():
+            t, rows, start, bags = self.table(f), self.served(f), 0, []
+            weight = decompressed.embedding_bags[t.name].weight.detach()
+            for n in lengths:
+                bag = weight[rows[start : start + n]].sum(0)
+                start += n
+                bags.append(bag / n if t.pooling == PoolingType.MEAN and n else bag)
+            out[f] = torch.stack(bags)
+        return out
+
+
+@st.composite
+def lookups(draw: st.DrawFn, policy: str) -> Lookup:
+    tables, compression = draw(mec_setups())
+    torch.manual_seed(draw(st.integers(0, 2**16)))  # random codes and codebooks
     module = MECEmbeddingBagCollection(tables, compression, unknown_id_policy=policy)
     size = {f: t.num_embeddings for t in tables for f in t.feature_names}
-    table_of = {f: t for t in tables for f in t.feature_names}
-    keys = data.draw(st.permutations(list(size)))
-    batch = data.draw(st.integers(1, 3))
-    lengths = {f: data.draw(st.lists(st.integers(0, 3), min_size=batch, max_size=batch))
-               for f in keys}  # fmt: skip
-    ids = {f: data.draw(st.lists(st.integers(-3, size[f] + 2), min_size=sum(lengths[f]),
-                                 max_size=sum(lengths[f]))) for f in keys}  # fmt: skip
+    keys = draw(st.permutations(list(size)))
+    batch = draw(st.integers(1, 3))
+    lengths = {f: draw(st.lists(st.integers(0, 3), min_size=batch, max_size=batch)) for f in keys}
+    ids = {f: draw(st.lists(st.integers(-3, size[f] + 2), min_size=sum(lengths[f]),
+                            max_size=sum(lengths[f]))) for f in keys}  # fmt: skip
     kjt = KeyedJaggedTensor(
         keys=keys,
         values=torch.tensor([i for f in keys for i in ids[f]], dtype=torch.int64),
         lengths=torch.tensor([n for f in keys for n in lengths[f]], dtype=torch.int64),
     )
-    order = [f for t in tables for f in t.feature_names]  # the module's feature order
-    bad = [(f, i) for f in order for i in ids[f] if not 0 <= i < size[f]]
+    order = [(t.name, f) for t in tables for f in t.feature_names]  # the module's feature order
+    bad = [(t, f, i) for t, f in order for i in ids[f] if not 0 <= i < size[f]]
+    first_bad = None
     if bad and policy == "error":
-        f, i = bad[0]
-        message = f"table '{table_of[f].name}': id {i} out of range [0, {size[f]}) in feature '{f}'"
+        t, f, i = bad[0]
+        first_bad = f"table '{t}': id {i} out of range [0, {size[f]}) in feature '{f}'"
+    return Lookup(module, kjt, ids, lengths, first_bad)
+
+
+@FEW
+@given(data=st.data(), policy=st.sampled_from(["error", "reserved"]))
+def test_remap_and_lookup_match_a_brute_force_reference(data, policy: str) -> None:
+    case = data.draw(lookups(policy))
+    module = case.module
+    if case.first_bad:
         for call in (module.remap, module):
-            with pytest.raises(ValueError, match=re.escape(message)):
-                call(kjt)
+            with pytest.raises(ValueError, match=re.escape(case.first_bad)):
+                call(case.kjt)
         return
-    served = {f: [i if 0 <= i < size[f] else size[f] - 1 for i in ids[f]] for f in keys}
-
-    remapped = module.remap(kjt).to_dict()
-    for f in keys:
-        name = table_of[f].name
-        if name in compression:
+    remapped = module.remap(case.kjt).to_dict()
+    for f in case.ids:
+        name = case.table(f).name
+        if name in module.compression:
             codes = getattr(module.codes, name)
-            for sub in range(compression[name].num_subspaces):
+            for sub in range(module.compression[name].num_subspaces):
                 got = remapped[f"{f}@{sub}"]
-                assert got.values().tolist() == [int(codes[i, sub]) for i in served[f]]
-                assert got.lengths().tolist() == lengths[f]
+                assert got.values().tolist() == [int(codes[i, sub]) for i in case.served(f)]
+                assert got.lengths().tolist() == case.lengths[f]
         else:
-            assert remapped[f].values().tolist() == served[f]
-            assert remapped[f].lengths().tolist() == lengths[f]
-
-    decompressed = module.decompress()
-    rows = {t.name: decompressed.embedding_bags[t.name].weight.detach() for t in tables}
-    expected = {}
-    for f in keys:
-        t, start, pooled = table_of[f], 0, []
-        for n in lengths[f]:
-            bag = rows[t.name][served[f][start : start + n]]
-            start += n
-            mean = t.pooling == PoolingType.MEAN and n > 0
-            pooled.append(bag.sum(0) / n if mean else bag.sum(0))
-        expected[f] = torch.stack(pooled)
+            assert remapped[f].values().tolist() == case.served(f)
+            assert remapped[f].lengths().tolist() == case.lengths[f]
+    expected = case.pooled()
     for kernel in ("fused", "tbe"):
-        same = MECEmbeddingBagCollection(tables, compression, unknown_id_policy=policy,
+        configs = module.embedding_bag_configs()
+        same = MECEmbeddingBagCollection(configs, module.compression, unknown_id_policy=policy,
                                          kernel=kernel)  # fmt: skip
         same.load_state_dict(module.state_dict())
-        out = same(kjt).to_dict()
-        for f in keys:
+        out = same(case.kjt).to_dict()
+        for f in case.ids:
+            torch.testing.assert_close(out[f], expected[f], atol=1e-5, rtol=1e-5)
+
+
+@settings(FEW, max_examples=25)
+@given(data=st.data(), policy=st.sampled_from(["error", "reserved"]))
+def test_serving_module_matches_a_brute_force_reference(data, policy: str) -> None:
+    """The exported artifact (fp32 codebooks), served per table and stacked where it can be."""
+    case = data.draw(lookups(policy))
+    with scratch() as tmp:
+        export_model(case.module, tmp / "art")
+        servings = [
+            MECInferenceEmbeddingBagCollection.load(tmp / "art", fused=fused)
+            for fused in (False, None)
+        ]
+    for serving in servings:
+        if case.first_bad:
+            with pytest.raises(ValueError, match=re.escape(case.first_bad)):
+                serving(case.kjt)
+            continue
+        out = serving(case.kjt).to_dict()
+        expected = case.pooled()
+        for f in case.ids:
             torch.testing.assert_close(out[f], expected[f], atol=1e-5, rtol=1e-5)
