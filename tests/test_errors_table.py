@@ -290,6 +290,8 @@ CASES = [
          ValueError, "weight must be a 2-D tensor [N, D], got (16,)"),
     Case("fit-weight-integer", lambda t: fit(torch.zeros(16, 4, dtype=torch.long), torch.ones(16)),
          ValueError, "weight must be floating point, got torch.int64"),
+    Case("fit-weight-too-large", lambda t: fit(torch.randn(16, 4) * 1e20, torch.ones(16)),
+         ValueError, "squared distances would overflow float32"),
     Case("fit-counts-nan",
          lambda t: fit(torch.randn(16, 4), torch.tensor([float("nan")] + [1.0] * 15)),
          ValueError, "counts contain NaN/inf"),

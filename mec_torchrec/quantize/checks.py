@@ -27,6 +27,15 @@ def check_weight(weight: torch.Tensor, num_subspaces: int) -> None:
     bad = int((~torch.isfinite(weight)).sum())
     if bad:
         raise ValueError(f"weight [{num_rows}, {dim}] has {bad} NaN/inf entries")
+    # Squared distances are float32: beyond this magnitude they overflow to inf and the codes
+    # become arbitrary (a silently useless table), so such a table must be rescaled first.
+    limit = (torch.finfo(torch.float32).max / (4 * dim)) ** 0.5
+    largest = float(weight.abs().max())
+    if largest > limit:
+        raise ValueError(
+            f"weight [{num_rows}, {dim}] has entries up to {largest:.3g} in magnitude; squared "
+            f"distances would overflow float32 beyond {limit:.3g} (rescale the table)"
+        )
 
 
 def check_fit_inputs(
