@@ -180,14 +180,17 @@ class ShardedMECEmbeddingBagCollection(
     def create_context(self) -> EmbeddingBagCollectionContext:
         return self.codebooks.create_context()
 
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The code-id KJT of ``features`` (as the unsharded module's ``remap``), read locally
+        from replicated codes or fetched from the ranks owning sharded ones (collective then)."""
+        with torch.no_grad():
+            return self._remap(features, self._code_source)
+
     def input_dist(  # type: ignore[override]
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
-        """Remaps ids to code ids (locally, or on the ranks owning sharded codes), then runs the
-        stock input all-to-all on code ids."""
-        with torch.no_grad():
-            code_ids = self._remap(features, self._code_source)
-        return self.codebooks.input_dist(ctx, code_ids)
+        """Remaps ids to code ids (`remap`), then runs the stock input all-to-all on code ids."""
+        return self.codebooks.input_dist(ctx, self.remap(features))
 
     def compute(
         self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList

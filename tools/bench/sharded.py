@@ -200,6 +200,22 @@ class Trainer:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         return float(elapsed)
 
+    def remap_seconds(self, repeats: int = 10) -> float | None:
+        """Seconds of the MEC module's remap (ids -> code ids) per batch, slowest rank, best of 3."""
+        sparse = self.dmp.module.sparse
+        if not hasattr(sparse, "remap"):
+            return None
+        best = float("inf")
+        for _ in range(3):
+            dist.barrier()
+            start = time.perf_counter()
+            for i in range(repeats):
+                sparse.remap(self.data[i % len(self.data)][0])
+            elapsed = torch.tensor([time.perf_counter() - start])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            best = min(best, float(elapsed) / repeats)
+        return best
+
     def bytes_per_rank(self, prefix: str = "sparse.") -> list[int]:
         mine = torch.tensor([float(local_bytes(self.dmp.state_dict(), prefix))])
         every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
@@ -227,6 +243,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, object]]:
             "samples_per_s": global_batch * args.steps / best[t.kind],
             "embedding_bytes_per_rank": t.bytes_per_rank(),
             "codes_bytes_per_rank": t.bytes_per_rank("sparse.codes."),
+            "remap_ms": None if (r := t.remap_seconds()) is None else r * 1e3,
             "sharding_types": t.sharding_types,
             "codes_sharding_types": t.codes_types,
         }
@@ -259,7 +276,8 @@ def main() -> None:
         for row in rows:
             mib = [round(b / 2**20, 1) for b in row["embedding_bytes_per_rank"]]
             codes_mib = [round(b / 2**20, 1) for b in row["codes_bytes_per_rank"]]
-            print(f"{row['model']:>17}: {row['samples_per_s']:10.0f} samples/s  "
+            remap = "" if row["remap_ms"] is None else f"  remap {row['remap_ms']:.2f} ms/batch"
+            print(f"{row['model']:>17}: {row['samples_per_s']:10.0f} samples/s{remap}  "
                   f"embedding MiB per rank {mib} (codes {codes_mib})  "
                   f"plan {row['sharding_types']} codes {row['codes_sharding_types']}")
         speed = mec["samples_per_s"] / plain["samples_per_s"]
