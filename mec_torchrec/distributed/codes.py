@@ -30,6 +30,8 @@ from torch.distributed._shard.sharded_tensor.metadata import (
     TensorProperties,
 )
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
+from torchrec.distributed.comm import get_local_size
+from torchrec.distributed.sharding_plan import placement as torchrec_placement
 from torchrec.distributed.types import ParameterSharding, ShardingType
 
 #: Plan keys of code tables start with this; the rest is the table name.
@@ -220,11 +222,16 @@ class ShardedCodes(nn.Module):
         """Table ``name``'s codes as a ``ShardedTensor`` over the process group (no copy)."""
         placement = self._sharded[name]
         local: torch.Tensor = getattr(self, name)
-        place = f"/{local.device.type}" + (
-            f":{local.device.index}" if local.device.index is not None else ""
-        )
+        local_size = get_local_size(self._world)
+
+        def where(rank: int) -> str:
+            # This rank's shard sits where its tensor is; others where TorchRec would put them.
+            if rank == self._rank:
+                return f"rank:{rank}/{local.device}"
+            return torchrec_placement(local.device.type, rank, local_size)
+
         metadata = [
-            ShardMetadata([start, 0], [rows, placement.shape[1]], f"rank:{rank}{place}")
+            ShardMetadata([start, 0], [rows, placement.shape[1]], where(rank))
             for start, rows, rank in placement.blocks
         ]
         mine = [Shard(local, m) for m in metadata if m.placement.rank() == self._rank]
