@@ -41,16 +41,14 @@ def _state(rank: int, step: int) -> dict:
 
 def _checkpoint_body(rec: CheckRecorder, root: str) -> None:
     from apps.dlrm import checkpoint
-    from apps.dlrm.model import Env
     from mec_torchrec.io import StorageError, stale_temp_dirs
 
     rank = dist.get_rank()
-    env = Env(rank, 2, 2, torch.device("cpu"), "gloo")
     last = Path(root) / "last"
     logged: list[str] = []
 
     def save(step: int) -> None:
-        checkpoint.save(last, _state(rank, step), env, progress={"step": step}, keep_previous=True)
+        checkpoint.save(last, _state(rank, step), progress={"step": step}, keep_previous=True)
 
     def step_of(path: Path) -> int:
         state = {k: torch.zeros_like(v) for k, v in _state(rank, 0).items()}
@@ -103,7 +101,7 @@ def _checkpoint_body(rec: CheckRecorder, root: str) -> None:
 
     def loading_a_corrupted_checkpoint_names_the_file() -> None:
         best = Path(root) / "best"
-        checkpoint.save(best, _state(rank, 7), env)
+        checkpoint.save(best, _state(rank, 7))
         damage(best / "__0_0.distcp", "truncate")
         with pytest.raises(checkpoint.CheckpointError, match=r"best/__0_0\.distcp has \d+ bytes"):
             checkpoint.load(best, _state(rank, 0))
@@ -153,18 +151,18 @@ def test_checkpoint_on_two_ranks(results: list[dict[str, str]], check: str) -> N
 
 
 SAVE_SCRIPT = """
-import os, signal, sys, torch, torch.distributed as dist
+import json, os, signal, sys, torch, torch.distributed as dist
 from pathlib import Path
 from apps.dlrm import checkpoint
-from apps.dlrm.model import Env
 
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-env = Env(0, 1, 1, torch.device("cpu"), "gloo")
-step, kill = int(sys.argv[2]), sys.argv[3] == "kill"
-if kill:  # die after the shards and the manifest are written, before the rename
-    checkpoint.commit_dir = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.save(Path(sys.argv[1]), {"w": torch.full((1000,), float(step))}, env,
-                progress={"step": step}, keep_previous=True)
+last, steps, kill = Path(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")], sys.argv[3]
+print(json.dumps(checkpoint.verify(last) if last.exists() else None), flush=True)
+for step in steps:
+    if kill == "kill" and step == steps[-1]:  # die after shards and manifest, before the rename
+        checkpoint.commit_dir = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.save(last, {"w": torch.full((1000,), float(step))}, progress={"step": step},
+                    keep_previous=True)
 dist.destroy_process_group()
 """
 
@@ -175,21 +173,22 @@ def test_a_process_killed_mid_save_leaves_the_last_checkpoint_complete(tmp_path:
 
     last = tmp_path / "last"
 
-    def save(step: int, mode: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-c", SAVE_SCRIPT, str(last), str(step), mode]
+    def save(steps: str, mode: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-c", SAVE_SCRIPT, str(last), steps, mode]
         return subprocess.run(
             cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120
         )
 
-    assert save(1, "ok").returncode == 0
-    killed = save(2, "kill")
+    killed = save("1,2", "kill")
     assert killed.returncode == -9, killed.stderr[-2000:]
     (leftover,) = stale_temp_dirs(last)
     assert (leftover / checkpoint.MANIFEST).exists()  # all written, only the rename missing
     assert not checkpoint.previous(last).exists()
     assert json.loads((last / checkpoint.PROGRESS).read_text()) == {"step": 1}
 
-    assert save(3, "ok").returncode == 0
+    again = save("3", "ok")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout.splitlines()[0]) == []  # step 1's checkpoint verified intact
     assert stale_temp_dirs(last) == []
     assert json.loads((last / checkpoint.PROGRESS).read_text()) == {"step": 3}
     assert json.loads((checkpoint.previous(last) / checkpoint.PROGRESS).read_text()) == {"step": 1}

@@ -24,7 +24,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from apps.dlrm.model import Env
 from mec_torchrec.io import (
     atomic_write_text,
     commit_dir,
@@ -94,7 +93,6 @@ def _local_bytes(state: Any) -> int:
 def save(
     path: Path,
     state: dict[str, Any],
-    env: Env,
     progress: dict | None = None,
     keep_previous: bool = False,
 ) -> None:
@@ -120,7 +118,7 @@ def save(
     try:
         dcp.save(state, checkpoint_id=tmp)
     except CheckpointException as e:  # raised on every rank when any rank failed
-        if env.is_main:
+        if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if any(is_disk_full(exc) for exc, _ in e.failures.values()):
             raise disk_full_error(path, _local_bytes(state), 0) from None

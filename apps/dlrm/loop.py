@@ -165,7 +165,7 @@ def train_stage(
         if improved:
             p.best_auc, p.best_step, p.evals_since_best = metrics["auc"], p.global_step, 0
             start = time.perf_counter()
-            checkpoint.save(best, {"model": dmp.state_dict()}, env)
+            checkpoint.save(best, {"model": dmp.state_dict()})
             p.checkpoint_seconds += time.perf_counter() - start
         else:
             p.evals_since_best += 1
@@ -232,7 +232,7 @@ def train_stage(
             if epoch_done:
                 p.epoch, p.step_in_epoch = p.epoch + 1, 0
             start = time.perf_counter()
-            checkpoint.save(last, _state(dmp, optimizer), env, progress=vars(p), keep_previous=True)
+            checkpoint.save(last, _state(dmp, optimizer), progress=vars(p), keep_previous=True)
             p.checkpoint_seconds += time.perf_counter() - start
             if epoch_done or p.stopped_early:
                 break
