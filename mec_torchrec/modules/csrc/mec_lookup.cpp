@@ -72,8 +72,12 @@ __attribute__((always_inline)) inline void stream(float* p, V v) {
 #endif
 }
 
-constexpr int kPrefetch = 16;  // ids ahead whose code row (or table row) is prefetched
+constexpr int kPrefetch = 32;      // ids ahead whose code row (or full-table row) is prefetched
+constexpr int kPrefetchNear = 12;  // ids ahead whose codebook rows are prefetched
 constexpr int kPrefetchRows = 8;  // samples ahead whose output gradient is prefetched
+// Samples per pass over the features: their output rows (a page or more each) stay within the
+// TLB's reach, and each feature's codebooks serve hundreds of bags per visit.
+constexpr int64_t kChunk = 512;
 
 struct Full {};  // the "code type" of a full table: the id is the row
 
@@ -158,13 +162,26 @@ __attribute__((always_inline)) inline int64_t code_at(const Code* codes, int64_t
   }
 }
 
-template <typename Code, int S>
-__attribute__((always_inline)) inline void prefetch_row(const Code* codes, const float* table,
-                                                        int64_t row, int64_t L) {
+// Prefetches what id i + kPrefetch reads first (its code row, or its row of a full table), and
+// for a compressed table the codebook rows of id i + kPrefetchNear (whose codes are then here).
+template <typename Code, int L, int S>
+__attribute__((always_inline)) inline void prefetch_ahead(const Code* codes,
+                                                          const float* const* tables,
+                                                          const int64_t* id, int64_t i,
+                                                          int64_t last) {
   if constexpr (std::is_same_v<Code, Full>) {
-    for (int k = 0; k < S; k += 16) __builtin_prefetch(table + row * S + k);
+    if (i + kPrefetch < last) {
+      for (int k = 0; k < S; k += 16) __builtin_prefetch(tables[0] + id[i + kPrefetch] * S + k);
+    }
   } else {
-    __builtin_prefetch(codes + row * L);
+    if (i + kPrefetch < last) __builtin_prefetch(codes + id[i + kPrefetch] * L);
+    if (i + kPrefetchNear < last) {
+      const int64_t row = id[i + kPrefetchNear];
+      for (int l = 0; l < L; ++l) {
+        const float* r = tables[l] + static_cast<int64_t>(codes[row * L + l]) * S;
+        for (int k = 0; k < S; k += 16) __builtin_prefetch(r + k);
+      }
+    }
   }
 }
 
@@ -186,7 +203,7 @@ MEC_CLONES void pool_fast(const Feature& ft, const float* const* tables, const B
     const int64_t s = off[b], e = off[b + 1];
     V acc[L * N] = {};
     for (int64_t i = s; i < e; ++i) {
-      if (i + kPrefetch < last) prefetch_row<Code, S>(codes, tab[0], id[i + kPrefetch], L);
+      prefetch_ahead<Code, L, S>(codes, tab, id, i, last);
       const int64_t row = id[i];
       const float w = bags.sw ? bags.sw[i] : 1.f;
       for (int l = 0; l < L; ++l) {
@@ -210,7 +227,7 @@ MEC_CLONES void pool_fast(const Feature& ft, const float* const* tables, const B
 // Adds the output gradient of every bag of one feature to the rows its ids read.
 template <typename Code, int L, int S>
 MEC_CLONES void scatter_fast(const Feature& ft, float* const* grads, const Bags& bags,
-                             const float* g, int64_t g_stride) {
+                             int64_t b0, int64_t b1, const float* g, int64_t g_stride) {
   using V = Vec<S>;
   constexpr int W = sizeof(V) / sizeof(float);
   constexpr int N = S / W;
@@ -220,21 +237,19 @@ MEC_CLONES void scatter_fast(const Feature& ft, float* const* grads, const Bags&
   const int64_t* off = bags.off + ft.f * bags.batch;
   const int64_t* id = bags.id;
   const int64_t last = off[bags.batch];
-  for (int64_t b = 0; b < bags.batch; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const int64_t s = off[b], e = off[b + 1];
     if (s == e) continue;
     const float scale = ft.mean ? 1.f / static_cast<float>(e - s) : 1.f;
     const float* g_row = g + b * g_stride + ft.col;
     // Rows of the output gradient lie a page or more apart: no hardware prefetcher follows them.
-    if (b + kPrefetchRows < bags.batch) {
+    if (b + kPrefetchRows < b1) {
       for (int k = 0; k < L * S; k += 16) __builtin_prefetch(g_row + kPrefetchRows * g_stride + k);
     }
     V gv[L * N];
     for (int x = 0; x < L * N; ++x) gv[x] = scale * load<V>(g_row + x * W);
     for (int64_t i = s; i < e; ++i) {
-      if (i + kPrefetch < last) {
-        prefetch_row<Code, S>(codes, grad[0], id[i + kPrefetch], L);
-      }
+      prefetch_ahead<Code, L, S>(codes, grad, id, i, last);
       const int64_t row = id[i];
       const float w = bags.sw ? bags.sw[i] : 1.f;
       for (int l = 0; l < L; ++l) {
@@ -272,9 +287,10 @@ void pool_generic(const Feature& ft, const float* const* tables, const int64_t* 
 }
 
 void scatter_generic(const Feature& ft, float* const* grads, const int64_t* dims,
-                     const int64_t* cols, const Bags& bags, const float* g, int64_t g_stride) {
+                     const int64_t* cols, const Bags& bags, int64_t b0, int64_t b1,
+                     const float* g, int64_t g_stride) {
   const int64_t* off = bags.off + ft.f * bags.batch;
-  for (int64_t b = 0; b < bags.batch; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const int64_t s = off[b], e = off[b + 1];
     if (s == e) continue;
     const float scale = ft.mean ? 1.f / static_cast<float>(e - s) : 1.f;
@@ -294,7 +310,8 @@ void scatter_generic(const Feature& ft, float* const* grads, const int64_t* dims
 
 using PoolFn = void (*)(const Feature&, const float* const*, const Bags&, int64_t, int64_t,
                         float*, int64_t);
-using ScatterFn = void (*)(const Feature&, float* const*, const Bags&, const float*, int64_t);
+using ScatterFn = void (*)(const Feature&, float* const*, const Bags&, int64_t, int64_t,
+                           const float*, int64_t);
 
 struct Kernels {
   PoolFn pool = nullptr;
@@ -385,13 +402,16 @@ torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& offsets,
   auto out = torch::empty({batch, total_dim}, ids.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   at::parallel_for(0, batch, 256, [&](int64_t begin, int64_t end) {
-    for (const auto& ft : feats) {
-      const float* const* tab = tables.data() + ft.j0;
-      if (kern[ft.f].pool) {
-        kern[ft.f].pool(ft, tab, bags, begin, end, o, total_dim);
-      } else {
-        pool_generic(ft, tab, lk_dim.data() + ft.j0, lk_col.data() + ft.j0, bags, begin, end, o,
-                     total_dim);
+    for (int64_t b0 = begin; b0 < end; b0 += kChunk) {
+      const int64_t b1 = std::min(end, b0 + kChunk);
+      for (const auto& ft : feats) {
+        const float* const* tab = tables.data() + ft.j0;
+        if (kern[ft.f].pool) {
+          kern[ft.f].pool(ft, tab, bags, b0, b1, o, total_dim);
+        } else {
+          pool_generic(ft, tab, lk_dim.data() + ft.j0, lk_col.data() + ft.j0, bags, b0, b1, o,
+                       total_dim);
+        }
       }
     }
 #if defined(__x86_64__)
@@ -459,6 +479,8 @@ std::vector<torch::Tensor> backward(
   const Bags bags{ids.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
                   psw.has_value() ? psw->data_ptr<float>() : nullptr, batch};
   // Groups go to threads largest first (cost: ids x columns), each to the least loaded thread.
+  std::vector<Kernels> kern;
+  for (const auto& ft : feats) kern.push_back(select(ft));
   const auto groups = table_groups(F, lk_feat, table_ptr, table_lk);
   const int64_t* off = bags.off;
   auto cost = [&](const std::vector<int64_t>& group) {
@@ -481,14 +503,17 @@ std::vector<torch::Tensor> backward(
   }
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      for (const int64_t f : part_features[p]) {
-        const Feature& ft = feats[f];
-        float* const* gr = grad_ptrs.data() + ft.j0;
-        const Kernels k = select(ft);
-        if (k.scatter) {
-          k.scatter(ft, gr, bags, g, g_stride);
-        } else {
-          scatter_generic(ft, gr, lk_dim.data() + ft.j0, lk_col.data() + ft.j0, bags, g, g_stride);
+      for (int64_t b0 = 0; b0 < batch; b0 += kChunk) {
+        const int64_t b1 = std::min(batch, b0 + kChunk);
+        for (const int64_t f : part_features[p]) {
+          const Feature& ft = feats[f];
+          float* const* gr = grad_ptrs.data() + ft.j0;
+          if (kern[f].scatter) {
+            kern[f].scatter(ft, gr, bags, b0, b1, g, g_stride);
+          } else {
+            scatter_generic(ft, gr, lk_dim.data() + ft.j0, lk_col.data() + ft.j0, bags, b0, b1, g,
+                            g_stride);
+          }
         }
       }
     }
