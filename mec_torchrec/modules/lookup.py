@@ -62,7 +62,7 @@ def mean_scale(pooled: torch.Tensor, lengths: torch.Tensor, is_mean: tuple[bool,
                dims: tuple[int, ...]) -> torch.Tensor:
     """Divide the columns of mean-pooled features by their bag lengths (empty bags stay 0)."""
     batch = pooled.shape[0]
-    counts = lengths.view(-1, batch).t().clamp(min=1).to(pooled.dtype)
+    counts = lengths.view(len(is_mean), batch).t().clamp(min=1).to(pooled.dtype)  # B may be 0
     mean = device_tensor(is_mean, torch.bool, pooled.device)
     scale = torch.where(mean, counts.reciprocal(), torch.ones_like(counts))
     repeats = device_tensor(dims, torch.int64, pooled.device)

@@ -188,6 +188,6 @@ def remap_values(
         first += num
     new_values = torch.cat(out_values).to(torch.int64)
     sources = device_tensor(lookup_sources, torch.int64, lengths.device)
-    new_lengths = lengths.view(-1, stride).index_select(0, sources).reshape(-1)
+    new_lengths = lengths.view(len(length_per_key), stride).index_select(0, sources).reshape(-1)
     new_weights = torch.cat(out_weights) if weights is not None else None
     return new_values, new_lengths, new_weights
