@@ -191,3 +191,15 @@ def test_specialised_kernels_equal_tbe_path(pooling: PoolingType, weighted: bool
         (out_t * grad).sum().backward()
         for (name, p), (_, q) in zip(fused_mec.named_parameters(), tbe_mec.named_parameters()):
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_first_out_of_range_finds_the_first_bad_id(dtype: torch.dtype) -> None:
+    sizes = (5, 3, 7)
+    values = torch.tensor([0, 4, 2, 0, 1, 6, 6, 0], dtype=dtype)
+    assert fused.first_out_of_range(values, [2, 3, 3], sizes) == -1
+    for position, bad in [(1, 5), (2, 3), (4, -1), (7, 7)]:
+        broken = values.clone()
+        broken[position] = bad
+        broken[-1] = 9 if position < 7 else broken[-1]  # a later bad id does not win
+        assert fused.first_out_of_range(broken, [2, 3, 3], sizes) == position

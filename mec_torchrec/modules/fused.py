@@ -95,33 +95,45 @@ def build_plan(layout: MECLayout) -> tuple:
     )
 
 
+def first_out_of_range(
+    values: torch.Tensor, length_per_key: list[int], feature_sizes: tuple[int, ...]
+) -> int | None:
+    """Position of the first id outside [0, N) of its feature (``length_per_key`` ids each), -1
+    if there is none; None when the kernel cannot tell (not loaded yet, or ids not on CPU).
+
+    One pass in C++ instead of the five tensor ops of a torch bounds check. Never builds the
+    extension, so callers on the TBE path pay no compile.
+    """
+    if _ext is None or values.device.type != "cpu":
+        return None
+    return _ext.first_out_of_range(values, length_per_key, feature_sizes)
+
+
 class _FusedLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, offsets, per_sample_weights, codes, plan, batch, *weights):
-        ext = extension()
         feat_start, feat_code, feat_mean, lk_table, lk_dim, lk_col, _, _, _, total_dim = plan
-        weights = [w.contiguous() for w in weights]
-        out = ext.forward(ids, offsets, per_sample_weights, weights, codes, batch, total_dim,
-                          feat_start, feat_code, feat_mean, lk_table, lk_dim, lk_col)
+        out = _ext.forward(ids, offsets, per_sample_weights, weights, codes, batch, total_dim,
+                           feat_start, feat_code, feat_mean, lk_table, lk_dim, lk_col)
         ctx.plan, ctx.batch, ctx.codes = plan, batch, codes
-        ctx.has_psw = per_sample_weights is not None
-        ctx.save_for_backward(ids, offsets, *([per_sample_weights] if ctx.has_psw else []), *weights)
+        # The weight gradients need only the weights' shapes (leaf parameters: no cycle); their
+        # values are read, and so saved, only for the per-sample weights' gradient.
+        ctx.psw_grad = per_sample_weights is not None and ctx.needs_input_grad[2]
+        ctx.weights = weights
+        ctx.save_for_backward(ids, offsets, per_sample_weights, *(weights if ctx.psw_grad else ()))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        ids, offsets = saved[0], saved[1]
-        psw = saved[2] if ctx.has_psw else None
-        weights = list(saved[3 if ctx.has_psw else 2:])
+        ids, offsets, psw, *saved_weights = ctx.saved_tensors
+        weights = saved_weights if ctx.psw_grad else ctx.weights
         feat_start, feat_code, feat_mean, lk_table, lk_dim, lk_col, lk_feat, table_ptr, table_lk, _ = ctx.plan
-        grads = extension().backward(
+        grads = _ext.backward(
             grad_out, ids, offsets, psw, weights, ctx.codes, ctx.batch, feat_start, feat_code,
-            feat_mean, lk_table, lk_dim, lk_col, lk_feat, table_ptr, table_lk,
-            bool(ctx.needs_input_grad[2]),
+            feat_mean, lk_table, lk_dim, lk_col, lk_feat, table_ptr, table_lk, ctx.psw_grad,
         )
         weight_grads = [g if need else None for g, need in zip(grads[:-1], ctx.needs_input_grad[6:])]
-        return (None, None, grads[-1], None, None, None, *weight_grads)
+        return (None, None, grads[-1] if ctx.psw_grad else None, None, None, None, *weight_grads)
 
 
 @torch.fx.wrap
@@ -144,9 +156,10 @@ def fused_pooled_lookup(
         weights: the inner EBC's weights (codebooks and full tables), in its table order.
         plan: ``build_plan(layout)``.
     """
+    extension()
     offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths).to(torch.int64)
     psw = per_sample_weights.float().contiguous() if per_sample_weights is not None else None
+    # Codes and weights are made contiguous (if ever needed) inside the kernel.
     return _FusedLookup.apply(
-        values.to(torch.int64).contiguous(), offsets, psw, [c.contiguous() for c in codes], plan,
-        stride, *weights,
+        values.to(torch.int64).contiguous(), offsets, psw, codes, plan, stride, *weights
     )

@@ -12,6 +12,7 @@ from itertools import accumulate
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mec_torchrec.modules import fused as _fused
 from mec_torchrec.modules.device_cache import device_tensor
 
 UNKNOWN_ID_POLICIES = ("error", "reserved")
@@ -97,6 +98,8 @@ def check_ids(
     Raises:
         ValueError: under ``"error"``, naming the first bad id, its feature, table and range.
     """
+    if _fused.first_out_of_range(values, length_per_key, feature_sizes) == -1:
+        return values  # checked in one C++ pass (CPU, once the fused kernel is loaded)
     counts = torch.tensor(length_per_key, device=values.device)
     sizes = device_tensor(feature_sizes, torch.int64, values.device)
     bounds = torch.repeat_interleave(sizes, counts, output_size=values.numel())

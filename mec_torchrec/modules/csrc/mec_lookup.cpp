@@ -369,6 +369,12 @@ void check_inputs(const torch::Tensor& ids, const torch::Tensor& offsets,
   }
 }
 
+std::vector<torch::Tensor> contiguous(const std::vector<torch::Tensor>& tensors) {
+  std::vector<torch::Tensor> out;
+  for (const auto& t : tensors) out.push_back(t.contiguous());
+  return out;
+}
+
 // Per lookup feature j: the data of its inner table.
 template <typename T>
 std::vector<T*> per_lookup(const std::vector<torch::Tensor>& tensors,
@@ -385,13 +391,15 @@ std::vector<T*> per_lookup(const std::vector<torch::Tensor>& tensors,
 
 torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& offsets,
                       const c10::optional<torch::Tensor>& psw,
-                      const std::vector<torch::Tensor>& weights,
-                      const std::vector<torch::Tensor>& codes, int64_t batch, int64_t total_dim,
+                      const std::vector<torch::Tensor>& weights_in,
+                      const std::vector<torch::Tensor>& codes_in, int64_t batch, int64_t total_dim,
                       const std::vector<int64_t>& feat_start, const std::vector<int64_t>& feat_code,
                       const std::vector<int64_t>& feat_mean, const std::vector<int64_t>& lk_table,
                       const std::vector<int64_t>& lk_dim, const std::vector<int64_t>& lk_col) {
   const int64_t F = static_cast<int64_t>(feat_code.size());
   check_inputs(ids, offsets, psw, F * batch);
+  const auto weights = contiguous(weights_in);
+  const auto codes = contiguous(codes_in);
   const auto feats = features(codes, feat_start, feat_code, feat_mean, lk_dim, lk_col);
   std::vector<Kernels> kern;
   for (const auto& ft : feats) kern.push_back(select(ft));
@@ -451,8 +459,9 @@ std::vector<std::vector<int64_t>> table_groups(int64_t F, const std::vector<int6
 
 std::vector<torch::Tensor> backward(
     const torch::Tensor& grad_out_in, const torch::Tensor& ids, const torch::Tensor& offsets,
-    const c10::optional<torch::Tensor>& psw, const std::vector<torch::Tensor>& weights,
-    const std::vector<torch::Tensor>& codes, int64_t batch, const std::vector<int64_t>& feat_start,
+    const c10::optional<torch::Tensor>& psw, const std::vector<torch::Tensor>& weights_in,
+    const std::vector<torch::Tensor>& codes_in, int64_t batch,
+    const std::vector<int64_t>& feat_start,
     const std::vector<int64_t>& feat_code, const std::vector<int64_t>& feat_mean,
     const std::vector<int64_t>& lk_table, const std::vector<int64_t>& lk_dim,
     const std::vector<int64_t>& lk_col, const std::vector<int64_t>& lk_feat,
@@ -471,11 +480,15 @@ std::vector<torch::Tensor> backward(
     g_stride = grad_out.size(1);
   }
   const float* g = grad_out.data_ptr<float>();
+  const auto codes = contiguous(codes_in);
   const auto feats = features(codes, feat_start, feat_code, feat_mean, lk_dim, lk_col);
-  const auto tables = per_lookup<const float>(weights, lk_table);
+  // The weights' values are read only for the per-sample weights' gradient.
+  const auto weights = psw_grad && psw.has_value() ? contiguous(weights_in) : weights_in;
   std::vector<torch::Tensor> grads;
-  for (const auto& w : weights) grads.push_back(torch::zeros_like(w));
+  for (const auto& w : weights) grads.push_back(torch::zeros(w.sizes(), w.options()));
   const auto grad_ptrs = per_lookup<float>(grads, lk_table);
+  const auto tables = psw_grad && psw.has_value() ? per_lookup<const float>(weights, lk_table)
+                                                  : std::vector<const float*>();
   const Bags bags{ids.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
                   psw.has_value() ? psw->data_ptr<float>() : nullptr, batch};
   // Groups go to threads largest first (cost: ids x columns), each to the least loaded thread.
@@ -548,9 +561,46 @@ std::vector<torch::Tensor> backward(
   return grads;
 }
 
+template <typename T>
+int64_t first_out_of_range_of(const T* v, const std::vector<int64_t>& length_per_key,
+                              const std::vector<int64_t>& sizes) {
+  int64_t start = 0;
+  for (size_t f = 0; f < length_per_key.size(); ++f) {
+    const int64_t n = length_per_key[f];
+    const uint64_t size = static_cast<uint64_t>(sizes[f]);
+    bool bad = false;  // one branch-free pass per feature; the position only when needed
+    for (int64_t k = 0; k < n; ++k) bad |= static_cast<uint64_t>(static_cast<int64_t>(v[start + k])) >= size;
+    if (bad) {
+      for (int64_t k = 0; k < n; ++k) {
+        if (static_cast<uint64_t>(static_cast<int64_t>(v[start + k])) >= size) return start + k;
+      }
+    }
+    start += n;
+  }
+  return -1;
+}
+
+// Position of the first id outside [0, size of its feature), or -1: one pass over the ids of
+// each feature (``length_per_key`` ids each).
+int64_t first_out_of_range(const torch::Tensor& values, const std::vector<int64_t>& length_per_key,
+                           const std::vector<int64_t>& sizes) {
+  TORCH_CHECK(values.device().is_cpu() && values.dim() == 1, "ids: 1-D CPU tensor");
+  TORCH_CHECK(length_per_key.size() == sizes.size(), "one size per feature");
+  TORCH_CHECK(std::accumulate(length_per_key.begin(), length_per_key.end(), int64_t{0}) ==
+                  values.numel(),
+              "length_per_key must sum to the number of ids");
+  const auto v = values.scalar_type() == at::kInt ? values.contiguous()
+                                                  : values.to(at::kLong).contiguous();
+  if (v.scalar_type() == at::kInt) {
+    return first_out_of_range_of(v.data_ptr<int32_t>(), length_per_key, sizes);
+  }
+  return first_out_of_range_of(v.data_ptr<int64_t>(), length_per_key, sizes);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused MEC pooled lookup (CPU)");
   m.def("backward", &backward, "gradients of the fused MEC pooled lookup (CPU)");
+  m.def("first_out_of_range", &first_out_of_range, "first id outside its feature's table, or -1");
 }
