@@ -181,7 +181,9 @@ def serving(tmp: Path, values: list, lengths: list[int]) -> Callable[[], object]
     module = MECInferenceEmbeddingBagCollection.load(tmp / "art")
     keys = ["a", "b", "c", "d", "e"]
     features = KeyedJaggedTensor(
-        keys=keys, values=torch.tensor(values), lengths=torch.tensor(lengths)
+        keys=keys,
+        values=torch.tensor(values) if values else torch.zeros(0, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int64),
     )
     return lambda: module(features)
 
@@ -353,6 +355,8 @@ CASES = [
          ValueError, "input KeyedJaggedTensor: negative length -1"),
     Case("serving-kjt-float-ids", lambda t: serving(t, [1.0, 2, 3, 4, 5], [1, 1, 1, 1, 1]),
          ValueError, "ids must be integers, got torch.float32"),
+    Case("serving-kjt-empty-batch", lambda t: serving(t, [], []),
+         ValueError, "input KeyedJaggedTensor: a batch of 0 samples"),
     # commands
     Case("mec-export-features-not-json",
          lambda t: command(mec_main, ["export", "--checkpoint", str(t), "--out", str(t / "o"),

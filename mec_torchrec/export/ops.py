@@ -100,6 +100,8 @@ def _check_jagged(values: torch.Tensor, lengths: torch.Tensor, num_features: int
     lookups would fail with unrelated messages, or read the wrong bags)."""
     if values.is_floating_point() or values.dtype == torch.bool:
         raise ValueError("input KeyedJaggedTensor: ids must be integers, got " + str(values.dtype))
+    if lengths.shape[0] == 0:
+        raise ValueError("input KeyedJaggedTensor: a batch of 0 samples (serving needs >= 1)")
     if lengths.shape[0] % num_features != 0:
         raise ValueError(
             "input KeyedJaggedTensor: " + str(lengths.shape[0]) + " lengths for "
