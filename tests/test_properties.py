@@ -43,8 +43,9 @@ from mec_torchrec.quantize import CompressedTable, TableFileError
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 # Fixtures here hold nothing an example changes, so sharing them across examples is fine.
 _CHECKS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
-FEW = settings(max_examples=60, deadline=None, suppress_health_check=_CHECKS)
-SOME = settings(max_examples=150, deadline=None, suppress_health_check=_CHECKS)
+# No example database: nothing is written into the working tree (a failure prints its example).
+FEW = settings(max_examples=60, deadline=None, suppress_health_check=_CHECKS, database=None)
+SOME = settings(FEW, max_examples=150)
 
 
 @contextmanager
