@@ -176,8 +176,10 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """
         if self._kernel == "tbe":
             return False
-        tensors = [*self.codebooks.parameters(), *self.codes.buffers()]
-        on_cpu = all(t.device.type == "cpu" for t in tensors)
+        # Read from the modules' own dicts: cheap per call, and real tensors (not proxies) while
+        # fx traces the forward.
+        weights = [bag._parameters["weight"] for bag in self.codebooks.embedding_bags.values()]
+        on_cpu = all(t.is_cpu for t in (*weights, *self.codes._buffers.values()))
         if self._kernel == "fused":
             if not on_cpu:
                 raise RuntimeError("kernel='fused' runs on CPU only (use 'auto' or 'tbe')")
