@@ -205,6 +205,49 @@ def test_parquet_reads_like_the_reference_or_raises_data_error(labels, data, loo
         assert_same(prepared_or_error(spec, tmp / "work"), expected)
 
 
+def bag_ids(bags: list[list]) -> tuple[list[int], list[int], int]:
+    """Reference ids of multi-valued bags: (flat ids, bag lengths, num_embeddings)."""
+    counts = Counter(v for bag in bags for v in bag)
+    order = sorted(counts, key=lambda v: (-counts[v], v is None, "" if v is None else v))
+    ids = {v: i for i, v in enumerate(order)}
+    return [ids[v] for bag in bags for v in bag], [len(bag) for bag in bags], len(order) + 1
+
+
+@FEW
+@given(
+    kind=st.sampled_from(["int lists", "string lists", "csv"]),
+    rows=st.lists(st.none() | st.lists(st.sampled_from(["a", "b", "", "7", None]), max_size=3),
+                  min_size=1, max_size=8),
+)  # fmt: skip
+def test_multi_valued_reads_like_the_reference(kind: str, rows, lookup_path) -> None:
+    """Null lists are empty bags, null or empty values are values; CSV cells split on '|'."""
+    spec = {"name": "p", "label": "y", "categorical": [], "multi_valued": ["m"],
+            "multi_valued_delimiter": "|"}  # fmt: skip
+    labels = [i % 2 for i in range(len(rows))]
+    with scratch() as tmp:
+        if kind == "csv":
+            cells = ["|".join(v or "" for v in bag or []) for bag in rows]
+            bags = [cell.split("|") for cell in cells]
+            lines = "".join(f"{y},{cell}\n" for y, cell in zip(labels, cells))
+            (tmp / "t.csv").write_text("y,m\n" + lines)
+            spec.update(format="csv", train="t.csv")
+        else:
+            if kind == "int lists":
+                rows = [None if b is None else [None if v is None else len(v) for v in b]
+                        for b in rows]  # fmt: skip
+            bags = [bag or [] for bag in rows]
+            value_type = pa.int64() if kind == "int lists" else pa.string()
+            table = pa.table({"y": labels, "m": pa.array(rows, pa.list_(value_type))})
+            pq.write_table(table, tmp / "t.parquet")
+            spec.update(format="parquet", train="t.parquet")
+        ds = prepare_dataset(dataset_spec_from_dict(spec, base_dir=tmp), tmp / "work")
+        (batch,) = list(ds.batches("train", 100))
+    ids, lengths, num_embeddings = bag_ids(bags)
+    assert batch.sparse_features["m"].values().tolist() == ids
+    assert batch.sparse_features["m"].lengths().tolist() == lengths
+    assert ds.num_embeddings["m"] == num_embeddings
+
+
 @FEW
 @given(content=st.binary(max_size=300) | st.text(alphabet=',\n"ab01 .\r\t\x00', max_size=120))
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "criteo_tsv"])
