@@ -414,6 +414,29 @@ def output_bytes(spec: JobSpec, ds: ProcessedDataset, stages: list[str]) -> int:
     return sum(sizes[s] for s in stages)
 
 
+# The spec sections each stage's result depends on (besides the artifacts of the stages before).
+STAGE_SPEC = {
+    "pretrain": ("data", "data_dir", "model", "training"),
+    "compress": ("compression",),
+    "train": ("model", "retrain"),
+}
+
+
+def stage_inputs(stage: str, spec: JobSpec, out: Path) -> str:
+    """Checksum of what a stage's result is made from: its spec sections and the files it reads.
+
+    ``--resume`` skips a finished stage only when this matches the one in its ``result.json``.
+    """
+    sections = {key: spec_to_dict(spec)[key] for key in STAGE_SPEC[stage]}
+    digest = hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode())
+    if stage != "pretrain":
+        digest.update((out / "pretrain" / "best" / checkpoint.MANIFEST).read_bytes())
+    if stage == "train":
+        for info in sorted((out / "compress").glob("t_*.json")):
+            digest.update(json.loads(info.read_text()).get("sha256", "").encode())
+    return digest.hexdigest()
+
+
 def _missing_inputs(out: Path, stage: str) -> str | None:
     """What a stage run alone needs from the stages before it, if absent."""
     if stage in ("compress", "train") and not checkpoint.exists(out / "pretrain" / "best"):
@@ -462,17 +485,23 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(out / "spec.json", json.dumps(spec_to_dict(spec), indent=1))
     for stage in stages:
         result_path = out / stage / "result.json"
+        inputs, stage_resume = stage_inputs(stage, spec, out), resume
         if resume and result_path.exists():
-            log(f"[{stage}] done already ({result_path}); skipped")
-            continue
+            if json.loads(result_path.read_text()).get("inputs_sha256") == inputs:
+                log(f"[{stage}] done already ({result_path}); skipped")
+                continue
+            log(f"[{stage}] its inputs changed since {result_path} was written: running it again")
+            # Compress checks each table's inputs itself; a training stage starts over.
+            stage_resume = stage == "compress"
         start = time.perf_counter()
         if stage == "pretrain":
-            result = pretrain(spec, ds, env, out, resume)
+            result = pretrain(spec, ds, env, out, stage_resume)
         elif stage == "compress":
-            result = compress(spec, ds, env, out, resume)
+            result = compress(spec, ds, env, out, stage_resume)
         else:
-            result = retrain(spec, ds, env, out, resume)
+            result = retrain(spec, ds, env, out, stage_resume)
         result["seconds"] = time.perf_counter() - start
+        result["inputs_sha256"] = inputs
         if env.is_main:
             atomic_write_text(result_path, json.dumps(result, indent=1))
         dist.barrier()
