@@ -198,6 +198,19 @@ def state_dict_with_codes(codes: torch.Tensor) -> Callable[[], object]:
     return lambda: module.load_state_dict(state)
 
 
+def export_with_nan(tmp: Path, table: str) -> Callable[[], object]:
+    """The action: ``export_model`` of a MEC collection (t_a compressed, t_b full) whose
+    ``table`` (an inner EBC table) holds a NaN, as after training diverged."""
+    tables = [
+        EmbeddingBagConfig(name=n, embedding_dim=8, num_embeddings=10, feature_names=[n[-1]])
+        for n in ("t_a", "t_b")
+    ]
+    module = MECEmbeddingBagCollection(tables, {"t_a": MECTableConfig(2, 4)})
+    with torch.no_grad():
+        module.codebooks.embedding_bags[table].weight[2, 1] = float("nan")
+    return lambda: export_model(module, tmp / "art")
+
+
 def dlrm_main(
     tmp: Path, *args: str, spec: str = "job.yaml", labels: list[int] | None = None
 ) -> Callable[[], object]:
@@ -330,6 +343,10 @@ CASES = [
          lambda t: manifest(t, '{"format": "mec_torchrec.serving", "format_version": 1, '
                                '"tables": [{"tensors": []}]}'),
          ArtifactError, "manifest.json: malformed manifest"),
+    Case("export-nan-codebooks", lambda t: export_with_nan(t, "t_a@1"),
+         ValueError, "table 't_a': codebooks contain NaN or inf"),
+    Case("export-nan-full-table", lambda t: export_with_nan(t, "t_b"),
+         ValueError, "table 't_b': weights contain NaN or inf"),
     # KJTs into MECEmbeddingBagCollection
     Case("kjt-missing-feature", lambda t: kjt(["a"], [1], [1]),
          ValueError, "input KeyedJaggedTensor lacks features ['b']"),

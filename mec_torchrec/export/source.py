@@ -130,7 +130,10 @@ def from_state_dict(
                     f"table {name!r}: codes have {codes[name].shape[1]} subspaces but codebooks "
                     f"{name}@{subs} were found"
                 )
-            table = CompressedTable(codes[name], torch.stack([parts[s].float() for s in subs]))
+            try:
+                table = CompressedTable(codes[name], torch.stack([parts[s].float() for s in subs]))
+            except ValueError as e:
+                raise ValueError(f"table {name!r}: {e}") from None
             compressed[name] = table
             rows, dim = table.num_rows, table.dim
         else:
@@ -202,9 +205,19 @@ def resolve(
     feature_names: Mapping[str, list[str]] | None = None,
     pooling: Mapping[str, PoolingType] | None = None,
 ) -> ExportTables:
-    """ExportTables from any accepted source (see ``export_model``)."""
+    """ExportTables from any accepted source (see ``export_model``).
+
+    Raises:
+        ValueError: naming the table, for codebooks or full-table weights with NaN or inf (a
+            model trained into divergence is refused, not served).
+    """
     if isinstance(source, nn.Module):
-        return from_module(find_mec_module(source))
-    if isinstance(source, Mapping):
-        return from_state_dict(source, feature_names, pooling)
-    return from_state_dict(read_checkpoint(source), feature_names, pooling)
+        tables = from_module(find_mec_module(source))
+    elif isinstance(source, Mapping):
+        tables = from_state_dict(source, feature_names, pooling)
+    else:
+        tables = from_state_dict(read_checkpoint(source), feature_names, pooling)
+    for name, weight in tables.full.items():
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"table {name!r}: weights contain NaN or inf")
+    return tables

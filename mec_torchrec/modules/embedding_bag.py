@@ -357,7 +357,10 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     for sub in range(subspaces)
                 ]
             )
-            out[name] = CompressedTable(getattr(self.codes, name).clone(), codebooks.clone())
+            try:
+                out[name] = CompressedTable(getattr(self.codes, name).clone(), codebooks.clone())
+            except ValueError as e:  # e.g. codebooks trained to NaN
+                raise ValueError(f"table {name!r}: {e}") from None
         return out
 
     def decompress(self) -> EmbeddingBagCollection:
