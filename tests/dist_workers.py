@@ -40,6 +40,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from mec_torchrec.distributed import load_mec_state, make_planner
+from mec_torchrec.distributed.codes import ShardedCodes, codes_sharding
 from mec_torchrec.distributed.gather import gathered_state_dict
 from mec_torchrec.export import export_model
 from mec_torchrec.export.reader import read_manifest, read_table
@@ -370,6 +371,7 @@ def codes_body(recorder: CheckRecorder, cases: list[tuple[str, ...]]) -> None:
         "planner": check_codes_planner,
         "export": check_codes_export,
         "pipeline": check_codes_pipeline,
+        "bad_plans": check_codes_bad_plans,
     }
     for case in cases:
         recorder.run(":".join(case), checks[case[0]], *case[1:])
@@ -442,3 +444,22 @@ def check_codes_pipeline(kind: str, codes_kind: str) -> None:
             break
     assert len(outputs) == len(batches), len(outputs)
     assert all(torch.isfinite(o).all() for o in outputs)
+
+
+def check_codes_bad_plans() -> None:
+    """Plan entries that do not tile the codes, or name no compressed table, are refused by name."""
+    world = dist.get_world_size()
+    codes = reference_mec(SEED).codes
+    short = {"t_a": codes_sharding(96, 2, "row_wise", list(range(world)))}  # t_a has 97 rows
+    try:
+        ShardedCodes(codes, short, dist.group.WORLD, CPU)
+    except ValueError as e:
+        assert "codes.t_a" in str(e) and "97" in str(e), e
+    else:
+        raise AssertionError("codes shards of 96 rows accepted for a 97-row table")
+    try:
+        ShardedCodes(codes, {"t_c": codes_sharding(23, 1, "row_wise", [0])}, dist.group.WORLD, CPU)
+    except KeyError as e:
+        assert "t_c" in str(e), e
+    else:
+        raise AssertionError("codes placement of the full table t_c accepted")

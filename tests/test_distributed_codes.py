@@ -34,6 +34,7 @@ def cases(world_size: int) -> list[tuple[str, ...]]:
         ("export", "row_wise", "row_wise"),
         ("pipeline", "table_wise", "row_wise"),
     ]
+    out.append(("bad_plans",))
     if world_size == 2:
         out += [("forward", kind, "table_wise", SUM, "plain") for kind in codebook_kinds[:3]]
         out += [
@@ -53,7 +54,9 @@ def group(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 def names(world_size: int, check: str) -> list[str]:
-    return [":".join(c) for c in cases(world_size) if c[0] == check]
+    found = [":".join(c) for c in cases(world_size) if c[0] == check]
+    assert found, f"no {check!r} case on {world_size} ranks"
+    return found
 
 
 def test_sharded_codes_forward_equals_unsharded_module(group: tuple) -> None:
@@ -96,4 +99,10 @@ def test_gathered_state_of_sharded_codes_exports_the_unsharded_artifact(group: t
 def test_train_pipeline_sparse_dist_runs_sharded_codes(group: tuple) -> None:
     world_size, results = group
     for name in names(world_size, "pipeline"):
+        assert_check(results, name)
+
+
+def test_codes_plan_entries_that_do_not_fit_the_tables_are_refused_by_name(group: tuple) -> None:
+    world_size, results = group
+    for name in names(world_size, "bad_plans"):
         assert_check(results, name)

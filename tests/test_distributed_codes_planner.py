@@ -10,7 +10,12 @@ from torchrec import EmbeddingBagConfig
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.types import PlannerError
 
-from mec_torchrec.distributed import MECStorageReservation, make_planner, replicated_bytes
+from mec_torchrec.distributed import (
+    MECStorageReservation,
+    codes_sharding,
+    make_planner,
+    replicated_bytes,
+)
 from mec_torchrec.distributed.planner import describe_codes
 from mec_torchrec.modules import MECEmbeddingBagCollection, MECTableConfig
 
@@ -104,3 +109,17 @@ def test_unknown_override_names_the_table() -> None:
     )
     with pytest.raises(ValueError, match="t_z"):
         planner.plan(meta_model(), sharders())
+
+
+def test_codes_sharding_refuses_types_other_than_replicated_row_and_table_wise() -> None:
+    with pytest.raises(ValueError, match="column_wise"):
+        codes_sharding(97, 2, "column_wise", [0, 1])
+
+
+def test_row_wise_codes_sharding_splits_rows_in_ceil_blocks_and_skips_empty_ranks() -> None:
+    sharding = codes_sharding(4, 2, "row_wise", [0, 1, 2])  # blocks of 2: ranks 0 and 1 only
+    shards = [
+        (s.shard_offsets, s.shard_sizes, str(s.placement)) for s in sharding.sharding_spec.shards
+    ]
+    assert shards == [([0, 0], [2, 2], "rank:0/cpu"), ([2, 0], [2, 2], "rank:1/cpu")]
+    assert sharding.ranks == [0, 1]
