@@ -35,7 +35,13 @@ from apps.dlrm.spec import JobSpec, SpecError, load_job_spec
 from mec_torchrec import MECEmbeddingBagCollection
 from mec_torchrec.data import DataError, prepare_dataset
 from mec_torchrec.data import vocab as vocab_module
-from mec_torchrec.data.spec import DatasetSpec, dataset_spec_from_dict, load_dataset_spec
+from mec_torchrec.data.spec import (
+    CRITEO_CATEGORICAL,
+    CRITEO_DENSE,
+    DatasetSpec,
+    dataset_spec_from_dict,
+    load_dataset_spec,
+)
 from mec_torchrec.export import MECInferenceEmbeddingBagCollection, export_model
 from mec_torchrec.modules.config import MECTableConfig
 from mec_torchrec.quantize import CompressedTable, TableFileError
@@ -265,6 +271,54 @@ def test_any_file_content_is_read_or_refused_with_data_error(fmt: str, content) 
             prepare_dataset(spec, tmp / "work")
         except DataError as e:
             assert "t.data" in str(e) or "split 'train'" in str(e), str(e)
+
+
+NPY_DTYPES = ["int8", "int32", "int64", "uint16", "float16", "float32", "float64", "bool"]
+
+
+@FEW
+@given(
+    dtypes=st.tuples(*[st.sampled_from(["float32", "int64"] * 8 + NPY_DTYPES)] * 3),
+    widths=st.tuples(mostly([13], [12, 14]), mostly([26], [25]), mostly([1], [2])),
+    rows=st.tuples(*[mostly([4], [0, 3])] * 3),
+    data=st.data(),
+)
+def test_criteo_npy_reads_like_the_reference_or_raises_data_error(dtypes, widths, rows,
+                                                                  data) -> None:  # fmt: skip
+    """torchrec's preprocessed .npy layout of any dtype and shape: refused, or read exactly."""
+    arrays = {}
+    for part, dtype, width, n in zip(("dense", "sparse", "labels"), dtypes, widths, rows):
+        cell = mostly([0, 1], [2]) if part == "labels" else st.integers(0, 2)
+        cells = data.draw(st.lists(cell, min_size=n * width, max_size=n * width))
+        arrays[part] = np.asarray(cells, dtype=dtype).reshape(n, width)
+    valid = (
+        widths == (13, 26, 1)
+        and rows[0] == rows[1] == rows[2] > 0
+        and arrays["sparse"].dtype.kind in "iu"
+        and arrays["dense"].dtype.kind in "iuf"
+        and arrays["labels"].dtype.kind in "iuf"
+        and set(arrays["labels"].ravel().tolist()) <= {0, 1}
+    )
+    event("read" if valid else "refused")
+    with scratch() as tmp:
+        for part, array in arrays.items():
+            np.save(tmp / f"d_{part}.npy", array)
+        spec = dataset_spec_from_dict(
+            {"name": "p", "format": "criteo_npy", "train": "d_dense.npy", "label": "label",
+             "dense": list(CRITEO_DENSE), "categorical": list(CRITEO_CATEGORICAL),
+             "dense_transform": "none"}, base_dir=tmp)  # fmt: skip
+        try:
+            ds = prepare_dataset(spec, tmp / "work")
+        except DataError as e:
+            assert not valid, e
+            assert "d_" in str(e), str(e)
+            return
+        assert valid
+        (batch,) = list(ds.batches("train", 100))
+    assert batch.labels.tolist() == arrays["labels"].ravel().astype(float).tolist()
+    assert batch.dense_features.numpy().tolist() == arrays["dense"].astype(np.float32).tolist()
+    ids, _, _ = bag_ids([[v] for v in arrays["sparse"][:, 0].tolist()])
+    assert batch.sparse_features["C1"].values().tolist() == ids
 
 
 # -- spec loaders ----------------------------------------------------------------------------
