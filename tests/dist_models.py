@@ -205,7 +205,9 @@ def spread_features(batch_size: int = BATCH_SIZE, empty: bool = False) -> KeyedJ
     )
 
 
-def with_codes(base: ShardingPlan, codes_kind: str, world_size: int, owner: int = 1) -> ShardingPlan:
+def with_codes(
+    base: ShardingPlan, codes_kind: str, world_size: int, owner: int = 1
+) -> ShardingPlan:
     """`base` plus entries placing every compressed table's codes `codes_kind` (table_wise on
     rank `owner`, row_wise over all ranks)."""
     sizes = {t.name: t.num_embeddings for t in TABLES}

@@ -253,7 +253,9 @@ def assert_close_to_full(value: torch.Tensor, full: torch.Tensor, key: str) -> N
         torch.testing.assert_close(shard.tensor, want, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def check_codes_forward(kind: str, codes_kind: str, pooling: PoolingType, is_weighted: bool) -> None:
+def check_codes_forward(
+    kind: str, codes_kind: str, pooling: PoolingType, is_weighted: bool
+) -> None:
     dmp = wrap_codes(kind, codes_kind, SEED, pooling, is_weighted)
     reference = variant_mec(SEED, pooling, is_weighted)
     rank = dist.get_rank()
@@ -372,6 +374,7 @@ def codes_body(recorder: CheckRecorder, cases: list[tuple[str, ...]]) -> None:
         "export": check_codes_export,
         "pipeline": check_codes_pipeline,
         "bad_plans": check_codes_bad_plans,
+        "fetch_mixed": check_codes_fetch_mixed_tables,
     }
     for case in cases:
         recorder.run(":".join(case), checks[case[0]], *case[1:])
@@ -463,3 +466,31 @@ def check_codes_bad_plans() -> None:
         assert "t_c" in str(e), e
     else:
         raise AssertionError("codes placement of the full table t_c accepted")
+
+
+def check_codes_fetch_mixed_tables() -> None:
+    """One exchange serves tables of different L and code dtypes, and a table smaller than the
+    world (some ranks hold none of its rows)."""
+    g = torch.Generator().manual_seed(5)
+    full = {
+        "t_x": torch.randint(0, 1000, (50, 3), generator=g, dtype=torch.int16),
+        "t_y": torch.randint(0, 256, (31, 2), generator=g).to(torch.uint8),
+        "t_z": torch.randint(0, 256, (2, 2), generator=g).to(torch.uint8),
+    }
+    container = torch.nn.Module()
+    for name, codes in full.items():
+        container.register_buffer(name, codes)
+    world = dist.get_world_size()
+    plans = {
+        "t_x": codes_sharding(50, 3, "row_wise", list(range(world))),
+        "t_y": codes_sharding(31, 2, "table_wise", [world - 1]),
+        "t_z": codes_sharding(2, 2, "row_wise", list(range(world))),
+    }
+    sharded = ShardedCodes(container, plans, dist.group.WORLD, CPU)
+    mine = torch.Generator().manual_seed(10 + dist.get_rank())
+    count = 7 * (dist.get_rank() + 1)
+    ids = [torch.randint(0, len(c), (count,), generator=mine) for c in full.values()]
+    got = sharded.fetch(ids, list(full))
+    for (name, codes), part, rows in zip(full.items(), ids, got):
+        assert rows.dtype == codes.dtype, (name, rows.dtype)
+        assert torch.equal(rows, codes[part]), name

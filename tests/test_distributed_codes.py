@@ -34,7 +34,7 @@ def cases(world_size: int) -> list[tuple[str, ...]]:
         ("export", "row_wise", "row_wise"),
         ("pipeline", "table_wise", "row_wise"),
     ]
-    out.append(("bad_plans",))
+    out += [("bad_plans",), ("fetch_mixed",)]
     if world_size == 2:
         out += [("forward", kind, "table_wise", SUM, "plain") for kind in codebook_kinds[:3]]
         out += [
@@ -105,4 +105,12 @@ def test_train_pipeline_sparse_dist_runs_sharded_codes(group: tuple) -> None:
 def test_codes_plan_entries_that_do_not_fit_the_tables_are_refused_by_name(group: tuple) -> None:
     world_size, results = group
     for name in names(world_size, "bad_plans"):
+        assert_check(results, name)
+
+
+def test_one_exchange_serves_tables_of_other_widths_dtypes_and_fewer_rows_than_ranks(
+    group: tuple,
+) -> None:
+    world_size, results = group
+    for name in names(world_size, "fetch_mixed"):
         assert_check(results, name)

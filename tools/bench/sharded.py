@@ -201,7 +201,8 @@ class Trainer:
         return float(elapsed)
 
     def remap_seconds(self, repeats: int = 10) -> float | None:
-        """Seconds of the MEC module's remap (ids -> code ids) per batch, slowest rank, best of 3."""
+        """Seconds of the MEC module's remap (ids -> code ids) per batch, slowest rank, best of
+        3 rounds; None for a module without one."""
         sparse = self.dmp.module.sparse
         if not hasattr(sparse, "remap"):
             return None
