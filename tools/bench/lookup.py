@@ -44,6 +44,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 from mec_torchrec.modules import MECEmbeddingBagCollection, MECTableConfig
+from mec_torchrec.modules import fused as mec_fused
 
 CRITEO_KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
                  27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
@@ -218,7 +219,13 @@ def bench_mec(record: Recorder, tables: list[EmbeddingBagConfig],
             backprop(mec(batches[i % 4]).values())
             adagrad.step()
         model_bytes = sum(b.stored for b in mec.embedding_bytes().values())
-        note = mec_breakdown(mec, batches, record.iters, record.device) if kernel == "tbe" else ""
+        if kernel == "tbe":
+            note = mec_breakdown(mec, batches, record.iters, record.device)
+        elif mec.uses_fused_kernel():
+            step(0)  # the optimizer's state and the gradients exist from here on
+            note = fused_breakdown(mec, batches, adagrad, record.iters, record.device)
+        else:
+            note = ""
         record.add(f"mec-L{subspaces}{suffix}", lambda i, mec=mec: mec(batches[i % 4]), step,
                    model_bytes + tensor_bytes(mec.parameters()), note)
 
@@ -265,6 +272,37 @@ def mec_breakdown(mec: MECEmbeddingBagCollection, batches: list[KeyedJaggedTenso
         regroup = timed(lambda i: mec.regroup(pooled), iters, device)
     return (f"[remap {remap * 1e3:.2f} ms, lookup {lookup * 1e3:.2f} ms; "
             f"regroup(dict), sharded path only: {regroup * 1e3:.2f} ms]")
+
+
+def fused_breakdown(mec: MECEmbeddingBagCollection, batches: list[KeyedJaggedTensor],
+                    optimizer: torch.optim.Optimizer, iters: int, device: torch.device) -> str:
+    """Training step of the fused CPU kernel in parts, each timed alone (warm caches): KJT
+    checks (layout, lengths, id bounds), the kernel's forward, its backward (dense output
+    gradient, codebook gradients out) and the optimizer step. The rest of a step is autograd
+    and Python glue."""
+    ext = mec_fused.extension()
+    plan = mec._fused_plan
+    checked = [mec._checked_tensors(b) for b in batches]
+    offsets = [torch.ops.fbgemm.asynchronous_complete_cumsum(c[1]) for c in checked]
+    codes = [getattr(mec.codes, n) for n in mec._layout.compressed]
+    weights = [w.detach() for w in mec._inner_weights()]
+    batch, total_dim = batches[0].stride(), plan[9]
+    grad = torch.randn(batch, total_dim, generator=torch.Generator().manual_seed(0))
+
+    def kernel_forward(i: int) -> torch.Tensor:
+        ids, _, _, _, _ = checked[i % 4]
+        return ext.forward(ids, offsets[i % 4], None, weights, codes, batch, total_dim, *plan[:6])
+
+    def kernel_backward(i: int) -> list[torch.Tensor]:
+        ids, _, _, _, _ = checked[i % 4]
+        return ext.backward(grad, ids, offsets[i % 4], None, weights, codes, batch, *plan[:9],
+                            False)
+    check = timed(lambda i: mec._checked_tensors(batches[i % 4]), iters, device)
+    forward = timed(kernel_forward, iters, device)
+    backward = timed(kernel_backward, iters, device)
+    step = timed(lambda i: optimizer.step(), iters, device)
+    return (f"[checks {check * 1e3:.2f} ms, kernel fwd {forward * 1e3:.2f} ms, "
+            f"kernel bwd {backward * 1e3:.2f} ms, optimizer {step * 1e3:.2f} ms]")
 
 
 def main() -> None:
