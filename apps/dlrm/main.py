@@ -195,6 +195,11 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
     quantizer = (quantize.MECQuantizer if c.method == "mec" else quantize.PQQuantizer)(
         num_subspaces=c.num_subspaces, codebook_size=c.codebook_size, **c.quantizer
     )
+    if env.is_main:  # tables a changed min_rows no longer compresses: stage 3 must not load them
+        names = {t.name for t in big}
+        for stale in work.glob("t_*.*"):
+            if stale.stem not in names:
+                stale.unlink()
     best = out / "pretrain" / "best"
     checkpoint.require(best)  # all ranks hash a share; then each reads its tables alone
     done = 0

@@ -1,0 +1,190 @@
+"""The DLRM app recovers from killed processes (real SIGKILLs, via MEC_FAULT_KILL_AFTER_STEPS).
+
+Stage 2: a run (all stages) killed after 2 of its 3 tables is rerun with --resume; tables whose inputs and
+file checksums match are skipped, a finished table whose file was damaged and the unfinished ones
+are quantized; a changed quantizer setting redoes every table.
+
+Stage 3: a 2-process torchx job with ``--max_retries 1`` whose rank 1 is SIGKILLed at step 7
+(after the step-5 checkpoint) is restarted by torchrun's agent, resumes from ``last`` and finishes
+with the same evaluations and test metrics as an uninterrupted job, exactly: the data order is a
+function of (seed, epoch, step) and the checkpoint holds model, optimizer and loop counters.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+SPEC = """
+data: {data}
+model: {{embedding_dim: 16, dense_arch_layer_sizes: [16], over_arch_layer_sizes: [16, 1]}}
+compression:
+  num_subspaces: 4
+  codebook_size: 16
+  min_rows: 1300  # 3 tables
+  quantizer: {{epochs: 1, sample_size: 2000, seed: {seed}}}
+training: {{batch_size: 256, eval_batch_size: 1024, epochs: 1, eval_every: 0.5}}
+retrain:
+  batch_size: 256
+  eval_batch_size: 1024
+  epochs: 1
+  eval_every: 0.25
+  variants: [warm]
+"""
+
+
+def env(**extra: str) -> dict[str, str]:
+    # torchx's ddp component calls `torchrun` by name: find the venv's.
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "MALLOC_MMAP_THRESHOLD_": "1000000000", **extra}
+
+
+def app(
+    spec: Path, out: Path, stage: str, *flags: str, **extra: str
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "apps.dlrm.main", "--spec", str(spec), "--out", str(out),
+           "--stage", stage, *flags]  # fmt: skip
+    return subprocess.run(
+        cmd, check=False, cwd=ROOT, env=env(**extra), capture_output=True, text=True, timeout=300
+    )
+
+
+def compress_log(stderr: str) -> dict[str, str]:
+    """{table: what a resumed compress did}: 'skipped', or why it quantized the table."""
+    done = {}
+    for table, what in re.findall(r"\[compress\] (t_\w+): (.+)", stderr):
+        if what.startswith("done already"):
+            done[table] = "skipped"
+        elif what.endswith(": quantizing"):
+            done[table] = what.removesuffix(": quantizing")
+    return done
+
+
+@pytest.fixture(scope="module")
+def compress_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Stages 1-2 killed after 2 tables, one finished file damaged, resumed; then a changed seed."""
+    from mec_torchrec.cli import main as mec
+
+    root = tmp_path_factory.mktemp("reliability")
+    assert mec(["data", "synth", "--out", str(root / "data"), "--rows", "12000", "--scale",
+                "0.001", "--quiet"]) == 0  # fmt: skip
+    spec, spec_seed1 = root / "job.yaml", root / "job_seed1.yaml"
+    for path, seed in ((spec, 0), (spec_seed1, 1)):
+        path.write_text(SPEC.format(data=root / "data" / "dataset.yaml", seed=seed))
+    out = root / "run"
+    killed = app(spec, out, "all", MEC_FAULT_KILL_AFTER_STEPS="compress:2")
+    work = out / "compress"
+    finished = sorted(p.stem for p in work.glob("t_*.json"))
+    stages_done = sorted(p.parent.name for p in out.glob("*/result.json"))
+    damaged = work / f"{finished[-1]}.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-5] ^= 0xFF  # tensor data: the file still parses, only its checksum tells
+    damaged.write_bytes(bytes(data))
+    kept = work / f"{finished[0]}.safetensors"
+    kept_state = (kept.stat().st_mtime_ns, kept.read_bytes())
+    resumed = app(spec, out, "compress", "--resume")
+    kept_after = (kept.stat().st_mtime_ns, kept.read_bytes())
+    changed = app(spec_seed1, out, "compress", "--resume")
+    return {
+        "out": out, "spec": spec_seed1, "killed": killed, "finished": finished,
+        "stages_done": stages_done,
+        "kept_same": kept_after == kept_state, "resumed": resumed, "changed": changed,
+    }  # fmt: skip
+
+
+def test_compress_killed_mid_table_set_leaves_only_finished_tables(compress_runs: dict) -> None:
+    killed = compress_runs["killed"]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert "kills itself after 2 steps of compress" in killed.stderr
+    assert len(compress_runs["finished"]) == 2
+    assert compress_runs["stages_done"] == ["pretrain"]
+
+
+def test_compress_rerun_skips_tables_whose_checksums_match_and_redoes_the_rest(
+    compress_runs: dict,
+) -> None:
+    resumed = compress_runs["resumed"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    kept, damaged = compress_runs["finished"]
+    did = compress_log(resumed.stderr)
+    assert len(did) == 3, did
+    assert did.pop(kept) == "skipped" and compress_runs["kept_same"]
+    assert did.pop(damaged) == f"{damaged}.safetensors does not match its recorded sha256"
+    assert set(did.values()) == {"not done"}
+    result = json.loads((compress_runs["out"] / "compress" / "result.json").read_text())
+    assert len(result["tables"]) == 3
+
+
+def test_compress_rerun_redoes_every_table_when_quantizer_settings_change(
+    compress_runs: dict,
+) -> None:
+    changed = compress_runs["changed"]
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "[compress] its inputs changed since" in changed.stderr  # not skipped as a stage
+    did = compress_log(changed.stderr)
+    assert len(did) == 3 and set(did.values()) == {
+        "its inputs changed (pretrained weights, id counts or quantizer settings)"
+    }, did
+
+
+def torchx(spec: Path, out: Path, logs: Path, *flags: str, **extra: str) -> subprocess.Popen:
+    cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={logs}",
+           "apps/components.py:dlrm_mec", "--spec", str(spec), "--out", str(out), "--stage",
+           "train", "-j", "1x2", *flags]  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def finish(job: subprocess.Popen, timeout: float) -> str:
+    try:
+        output, _ = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)  # the torchx process group: agent and ranks
+        output, _ = job.communicate()
+        pytest.fail(f"torchx job still running after {timeout} s:\n{output[-5000:]}")
+    assert job.returncode == 0, output[-5000:]
+    return output
+
+
+def test_torchx_job_with_a_rank_killed_in_stage_3_restarts_and_matches_an_uninterrupted_run(
+    compress_runs: dict, tmp_path: Path
+) -> None:
+    spec = compress_runs["spec"]
+    runs = {}
+    for name in ("uninterrupted", "killed"):
+        runs[name] = tmp_path / name
+        shutil.copytree(compress_runs["out"], runs[name])
+    # Both jobs at once: they are independent, and the restart spends seconds waiting.
+    reference = torchx(spec, runs["uninterrupted"], tmp_path / "logs_ref")
+    killed = torchx(spec, runs["killed"], tmp_path / "logs_kill", "--max_retries", "1",
+                    "--env", "MEC_FAULT_KILL_AFTER_STEPS=train_warm:7:1")  # fmt: skip
+    finish(reference, 400)
+    log = finish(killed, 400)
+
+    assert "rank 1 kills itself after 7 steps of train_warm" in log
+    assert "restart 1 by torchrun's agent: resuming" in log
+    assert f"[train_warm] resumed at epoch 0 step 5 from {runs['killed']}/train_warm/last" in log
+    ref, got = (
+        json.loads((runs[n] / "train" / "result.json").read_text())["variants"]["warm"]
+        for n in ("uninterrupted", "killed")
+    )
+    # Tolerance: none. Same seed, same data order from the checkpointed step, same kernels.
+    steps = [h["step"] for h in got["history"]]
+    assert steps == [0, 5, 10, 15, 18]
+    for key in ("auc", "logloss", "ne"):
+        assert [h[key] for h in got["history"]] == [h[key] for h in ref["history"]], key
+        assert got["test"][key] == ref["test"][key], key
+    assert got["best_step"] == ref["best_step"]
+    for split in ("valid", "test"):  # the untrained model, evaluated by the first attempt
+        assert got["start"][split]["auc"] == ref["start"][split]["auc"]
