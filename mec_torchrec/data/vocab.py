@@ -63,7 +63,8 @@ class Vocabulary:
         valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
         if len(keys) == 0:
             return np.where(valid, self.oov_id, null_id).astype(np.int64)
-        query = _numpy_keys(pc.fill_null(values, keys[0]))
+        filler = 0 if pa.types.is_integer(values.type) else ""  # null slots are overwritten below
+        query = _numpy_keys(pc.fill_null(values, filler))
         pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
         out = np.where(keys[pos] == query, ids[pos], self.oov_id)
         return np.where(valid, out, null_id).astype(np.int64)
@@ -81,10 +82,12 @@ class Vocabulary:
 
 
 def _numpy_keys(values: pa.Array) -> np.ndarray:
-    """Non-null ``values`` as a comparable numpy array (int64, or fixed-width unicode)."""
+    """Non-null ``values`` as a comparable numpy array (int64, or fixed-width bytes)."""
     if pa.types.is_integer(values.type):
         return values.to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.array(values.to_pylist(), dtype=str)
+    # NumPy's fixed-width strings drop trailing NULs ("a\0" would equal "a"); a final 0x01 byte
+    # keeps every value distinct. Only equality and one consistent order matter here.
+    return np.array([v.encode() + b"\x01" for v in values.to_pylist()], dtype=bytes)
 
 
 def _flat(column: pa.Array) -> pa.Array:
