@@ -1,8 +1,8 @@
 """The DLRM app recovers from killed processes (real SIGKILLs, via MEC_FAULT_KILL_AFTER_STEPS).
 
-Stage 2: a run (all stages) killed after 2 of its 3 tables is rerun with --resume; tables whose inputs and
-file checksums match are skipped, a finished table whose file was damaged and the unfinished ones
-are quantized; a changed quantizer setting redoes every table.
+Stage 2: a run (all stages) killed after 2 of its 3 tables is rerun with --resume; a table whose
+input and file checksums match is skipped, a finished table whose file was damaged and the
+unfinished one are quantized; a changed quantizer setting redoes every table.
 
 Stage 3: a 2-process torchx job with ``--max_retries 1`` whose rank 1 is SIGKILLed at step 7
 (after the step-5 checkpoint) is restarted by torchrun's agent, resumes from ``last`` and finishes
