@@ -193,12 +193,11 @@ def test_parquet_reads_like_the_reference_or_raises_data_error(labels, data, loo
     strings_or_ints = ["a", "b", "", "a\0", None] if strings else [5, -1, 0, None]
     value = st.sampled_from(strings_or_ints)
     categories = data.draw(st.lists(value, min_size=n, max_size=n))
+    f = pa.array(categories, pa.string() if strings else pa.int64())
+    if data.draw(st.booleans()):
+        f = f.dictionary_encode()  # as pandas writes a categorical column
     table = pa.table(
-        {
-            "y": pa.array(labels, pa.int64()),
-            "x": pa.array(dense, pa.float64()),
-            "f": pa.array(categories, pa.string() if strings else pa.int64()),
-        }
+        {"y": pa.array(labels, pa.int64()), "x": pa.array(dense, pa.float64()), "f": f}
     )
     expected = reference(
         [float(y) if y is not None else None for y in labels],

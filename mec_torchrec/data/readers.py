@@ -65,6 +65,10 @@ def _to_float(spec: DatasetSpec, sb_path: Path, first_row: int, name: str,
 
 def _normalize(spec: DatasetSpec, path: Path, first_row: int, batch: pa.RecordBatch) -> SourceBatch:
     columns: dict[str, pa.Array] = {}
+    # Dictionary-encoded columns (pandas categoricals) stand for their values.
+    batch = pa.RecordBatch.from_arrays(
+        [c.dictionary_decode() if pa.types.is_dictionary(c.type) else c for c in batch.columns],
+        names=batch.schema.names)  # fmt: skip
     label = _to_float(spec, path, first_row, spec.label, batch.column(spec.label))
     label_np = label.to_numpy(zero_copy_only=False)
     ok = (label_np == 0) | (label_np == 1)
@@ -88,7 +92,7 @@ def _normalize(spec: DatasetSpec, path: Path, first_row: int, batch: pa.RecordBa
     for name in spec.categorical:
         col = batch.column(name)
         if pa.types.is_integer(col.type):
-            col = pc.cast(col, pa.int64())
+            col = _to_int64(spec, path, first_row, name, col)
         elif pa.types.is_large_string(col.type):
             col = pc.cast(col, pa.string())
         elif not pa.types.is_string(col.type):
@@ -98,6 +102,22 @@ def _normalize(spec: DatasetSpec, path: Path, first_row: int, batch: pa.RecordBa
     for name in spec.multi_valued:
         columns[name] = _multi_valued(spec, path, first_row, name, batch.column(name))
     return SourceBatch(path, first_row, pa.RecordBatch.from_pydict(columns))
+
+
+def _to_int64(spec: DatasetSpec, path: Path, first_row: int, name: str, column: pa.Array,
+              rows: np.ndarray | None = None) -> pa.Array:
+    """Integer values as int64; an unsigned one above 2**63 - 1 is an error naming its row
+    (``rows[i]``: the batch row of value ``i``, for flattened lists)."""
+    try:
+        return pc.cast(column, pa.int64())
+    except pa.ArrowInvalid:
+        limit = pa.scalar(2**63 - 1, column.type)
+        big = pc.fill_null(pc.greater(column, limit), False).to_numpy(zero_copy_only=False)
+        i = int(np.flatnonzero(big)[0])
+        row = i if rows is None else int(rows[i])
+        raise DataError(f"{_row_name(spec, path, first_row + row)}, column {name!r}: "
+                        f"{column[i].as_py()} does not fit int64 (store such ids as strings)"
+                        ) from None
 
 
 def _multi_valued(spec: DatasetSpec, path: Path, first_row: int, name: str,
@@ -114,6 +134,8 @@ def _multi_valued(spec: DatasetSpec, path: Path, first_row: int, name: str,
                         f"list of integers or strings, or strings split on a delimiter")
     value_type = col.type.value_type
     if pa.types.is_integer(value_type):
+        rows = pc.list_parent_indices(col).to_numpy()
+        _to_int64(spec, path, first_row, name, pc.list_flatten(col), rows)
         return pc.cast(col, pa.list_(pa.int64()))
     if pa.types.is_string(value_type) or pa.types.is_large_string(value_type):
         return pc.cast(col, pa.list_(pa.string()))
