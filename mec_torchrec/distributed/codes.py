@@ -272,51 +272,53 @@ class ShardedCodes(nn.Module):
         """Codes rows [len(ids[k]), L] of ids ``ids[k]`` of sharded table ``tables[k]``.
 
         Collective: every rank of the group calls it with the same ``tables`` (its own ids, maybe
-        none). Ids travel to their owners, which read their rows and send them back.
+        none). Each distinct (table, id) travels once to its owner, which reads its row and sends
+        it back; repeated ids (skewed batches) cost nothing more on the wire.
         """
         device = ids[0].device if ids else torch.device("cpu")
         placements = [self._sharded[t] for t in tables]
         widths = [p.shape[1] for p in placements]
         dtypes = {p.dtype for p in placements}
         wire = dtypes.pop() if len(dtypes) == 1 else torch.int32
-        num_tables, world = len(tables), self._world
-        owners, local_ids = [], []
-        for part, placement in zip(ids, placements):
+        # Row g of the tables laid end to end: table k's id i is bases[k] + i.
+        bases = [0]
+        for p in placements:
+            bases.append(bases[-1] + p.shape[0])
+        owners, rows_global = [], []
+        for k, (part, placement) in enumerate(zip(ids, placements)):
             starts = torch.tensor([b[0] for b in placement.blocks], device=device)
             ranks = torch.tensor([b[2] for b in placement.blocks], device=device)
-            block = torch.searchsorted(starts, part, right=True) - 1
-            owners.append(ranks[block])
-            local_ids.append(part - starts[block])
-        counts = [p.numel() for p in ids]
-        table = torch.repeat_interleave(
-            torch.arange(num_tables, device=device), torch.tensor(counts, device=device)
+            owners.append(ranks[torch.searchsorted(starts, part, right=True) - 1])
+            rows_global.append(part + bases[k])
+        # Sorted distinct keys owner * total + row: grouped by owner for the all-to-all, each
+        # (table, id) once.
+        total = bases[-1]
+        keys, inverse = torch.unique(
+            torch.cat(owners) * total + torch.cat(rows_global), return_inverse=True
         )
-        key = torch.cat(owners) * num_tables + table
-        order = torch.argsort(key, stable=True)
-        send_matrix = torch.bincount(key, minlength=world * num_tables)
-        recv_matrix = torch.empty_like(send_matrix)
-        dist.all_to_all_single(recv_matrix, send_matrix, group=self._pg)
-        send_sizes = send_matrix.view(world, num_tables).sum(1).tolist()
-        recv_sizes = recv_matrix.view(world, num_tables).sum(1).tolist()
+        edges = torch.arange(self._world + 1, device=device) * total
+        send_counts = torch.searchsorted(keys, edges).diff()
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self._pg)
+        send_sizes, recv_sizes = send_counts.tolist(), recv_counts.tolist()
         requests = torch.empty(sum(recv_sizes), dtype=torch.int64, device=device)
-        dist.all_to_all_single(
-            requests, torch.cat(local_ids)[order], recv_sizes, send_sizes, group=self._pg
-        )
-        requested_table = torch.repeat_interleave(
-            torch.arange(num_tables, device=device).repeat(world), recv_matrix
-        )
+        dist.all_to_all_single(requests, keys, recv_sizes, send_sizes, group=self._pg)
+        requests -= self._rank * total  # every request received is for this rank's rows
+        base = torch.tensor(bases, device=device)
+        table = torch.searchsorted(base[1:], requests, right=True)
         rows = torch.zeros((requests.numel(), max(widths, default=0)), dtype=wire, device=device)
         for k, name in enumerate(tables):
-            where = (requested_table == k).nonzero().squeeze(1)
+            where = (table == k).nonzero().squeeze(1)
+            first = bases[k] + self.local_rows(name)[0]
             codes: torch.Tensor = getattr(self, name)
-            rows[where, : widths[k]] = codes.index_select(0, requests[where]).to(wire)
-        answers = torch.empty((len(order), rows.shape[1]), dtype=wire, device=device)
+            rows[where, : widths[k]] = codes.index_select(0, requests[where] - first).to(wire)
+        answers = torch.empty((len(keys), rows.shape[1]), dtype=wire, device=device)
         dist.all_to_all_single(answers, rows, send_sizes, recv_sizes, group=self._pg)
-        in_order = torch.empty_like(answers)
-        in_order[order] = answers
+        per_id = answers.index_select(0, inverse)
+        counts = [part.numel() for part in ids]
         return [
             part[:, :width].to(p.dtype)
-            for part, width, p in zip(in_order.split(counts), widths, placements)
+            for part, width, p in zip(per_id.split(counts), widths, placements)
         ]
 
 
