@@ -20,7 +20,8 @@ Per rank, forward pass, bytes sent by one rank (what it receives is the same on 
   (B x D x 4 x (W - 1) / W per feature and rank on average); row-wise, every rank sends partial
   sums of every feature to every other rank (a reduce-scatter: B x D x 4 x (W - 1) per feature);
   backward sends the gradients of the same tensors again (not added below);
-* codes all-to-all (sharded codes): B x P x L bytes back per compressed feature, x (W - 1) / W;
+* codes all-to-all (sharded codes): B x P x L bytes back per compressed feature, x (W - 1) / W
+  (ids and codes are upper bounds: the exchange sends each distinct id of a batch once);
 * codebook all-reduce (MEC): K x D x 4 bytes of gradients per compressed table and step, a ring
   all-reduce sending about twice that per rank; listed separately, it is not an all-to-all.
 
