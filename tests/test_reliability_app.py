@@ -136,6 +136,27 @@ def test_compress_rerun_redoes_every_table_when_quantizer_settings_change(
     }, did
 
 
+def test_the_startup_space_check_asks_for_no_more_than_the_stages_write(
+    compress_runs: dict,
+) -> None:
+    from apps.dlrm.main import output_bytes
+    from apps.dlrm.spec import load_job_spec
+    from mec_torchrec.data import ProcessedDataset
+
+    out = compress_runs["out"]
+    spec, ds = load_job_spec(compress_runs["spec"]), ProcessedDataset(out / "data")
+
+    def size(folder: Path, pattern: str = "*") -> int:
+        return sum(p.stat().st_size for p in folder.glob(pattern))
+
+    pretrain = out / "pretrain"
+    # At its peak stage 1 holds best, last, last.prev and the next last being written.
+    peak = size(pretrain / "best") + 3 * size(pretrain / "last")
+    assert 0.5 * peak <= output_bytes(spec, ds, ["pretrain"]) <= peak
+    tables = size(out / "compress", "t_*.safetensors")
+    assert 0.5 * tables <= output_bytes(spec, ds, ["compress"]) <= tables
+
+
 def torchx(spec: Path, out: Path, logs: Path, *flags: str, **extra: str) -> subprocess.Popen:
     cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={logs}",
            "apps/components.py:dlrm_mec", "--spec", str(spec), "--out", str(out), "--stage",
