@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,12 @@ def command(main: Callable[[list[str]], int], argv: list[str]) -> Callable[[], o
 # -- inputs ----------------------------------------------------------------------------------
 
 BASE_SPEC = {"name": "t", "format": "csv", "train": "t.csv", "label": "y", "categorical": ["f"]}
+
+
+def without(mapping: dict, key: str) -> dict:
+    return {k: v for k, v in mapping.items() if k != key}
+
+
 CRITEO = {"label": "label", "dense": list(CRITEO_DENSE), "categorical": list(CRITEO_CATEGORICAL)}
 
 
@@ -189,7 +196,8 @@ def serving(tmp: Path, values: list, lengths: list[int]) -> Callable[[], object]
 
 
 def state_dict_with_codes(codes: torch.Tensor) -> Callable[[], object]:
-    """The action: a MEC collection (t_a: N = 10, L = 2, K = 4) loads a state dict with ``codes``."""
+    """The action: a MEC collection (t_a: N = 10, L = 2, K = 4) loads a state dict holding
+    ``codes``."""
     tables = [
         EmbeddingBagConfig(name="t_a", embedding_dim=8, num_embeddings=10, feature_names=["a"])
     ]
@@ -226,6 +234,16 @@ def dlrm_main(
     return command(main, ["--spec", str(tmp / spec), "--out", str(tmp / "out"), *args])
 
 
+def edited_artifact(tmp: Path, table: str, **fields: object) -> Callable[[], object]:
+    """The action: serve an exported artifact whose manifest entry of ``table`` got ``fields``."""
+    export_model(make_mec(), tmp / "art", "fp32")
+    path = tmp / "art" / "manifest.json"
+    raw = json.loads(path.read_text())
+    next(t for t in raw["tables"] if t["name"] == table).update(fields)
+    path.write_text(json.dumps(raw))
+    return lambda: MECInferenceEmbeddingBagCollection.load(tmp / "art")
+
+
 def manifest(tmp: Path, text: str) -> Callable[[], object]:
     (tmp / "manifest.json").write_text(text)
     return lambda: read_manifest(tmp)
@@ -239,7 +257,7 @@ CASES = [
          lambda t: lambda: dataset_spec_from_dict({**BASE_SPEC, 1: "x", "zz": 2}),
          DataError, "unknown key(s) [1, 'zz']"),
     Case("dataset-spec-missing-key",
-         lambda t: lambda: dataset_spec_from_dict({k: v for k, v in BASE_SPEC.items() if k != "label"}),
+         lambda t: lambda: dataset_spec_from_dict(without(BASE_SPEC, "label")),
          DataError, "missing required key(s) ['label']"),
     Case("dataset-spec-unknown-format",
          lambda t: lambda: dataset_spec_from_dict({**BASE_SPEC, "format": "xlsx"}),
@@ -352,6 +370,17 @@ CASES = [
          ValueError, "table 't_a': codebooks contain NaN or inf"),
     Case("export-nan-full-table", lambda t: export_with_nan(t, "t_b"),
          ValueError, "table 't_b': weights contain NaN or inf"),
+    Case("artifact-manifest-num-subspaces-zero",
+         lambda t: edited_artifact(t, "t_a", num_subspaces=0),
+         ArtifactError, "table 't_a' num_subspaces is 0, expected an int >= 1"),
+    Case("artifact-manifest-unknown-pooling", lambda t: edited_artifact(t, "t_a", pooling="MAX"),
+         ArtifactError, "table 't_a' pooling is 'MAX', expected 'SUM' or 'MEAN'"),
+    Case("artifact-manifest-blob-outside",
+         lambda t: edited_artifact(t, "t_a", blob="../../etc/passwd"),
+         ArtifactError, "blob is '../../etc/passwd', expected a path inside the artifact folder"),
+    Case("artifact-manifest-feature-twice",
+         lambda t: edited_artifact(t, "t_a", feature_names=["b"]),
+         ArtifactError, "the list of feature names is ['b', 'b',"),
     # KJTs into MECEmbeddingBagCollection
     Case("kjt-missing-feature", lambda t: kjt(["a"], [1], [1]),
          ValueError, "input KeyedJaggedTensor lacks features ['b']"),

@@ -135,7 +135,8 @@ def dataset_spec_from_dict(raw: dict[str, Any], base_dir: str | os.PathLike = ".
     csv_delimiter = raw.get("csv_delimiter", ",")
     # pyarrow's CSV parser takes one printable ASCII byte or a tab; '"' quotes values.
     if (not isinstance(csv_delimiter, str) or len(csv_delimiter) != 1 or csv_delimiter == '"'
-            or not (csv_delimiter == "\t" or csv_delimiter.isascii() and csv_delimiter.isprintable())):
+            or not (csv_delimiter == "\t"
+                    or csv_delimiter.isascii() and csv_delimiter.isprintable())):
         raise DataError(f"{where}: csv_delimiter must be a tab or one printable ASCII character "
                         f"other than '\"', got {csv_delimiter!r}")
     return DatasetSpec(

@@ -153,7 +153,7 @@ class Manifest:
                 )
                 for t in raw["tables"]
             ]
-            return cls(
+            manifest = cls(
                 tables=tables,
                 is_weighted=raw["is_weighted"],
                 unknown_id_policy=raw["unknown_id_policy"],
@@ -161,6 +161,33 @@ class Manifest:
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(f"{where}: malformed manifest ({e!r})") from e
+        manifest.check(where)
+        return manifest
+
+    def check(self, where: str = MANIFEST) -> None:
+        """Every field of the right type and in range, names unique, blobs inside the folder.
+
+        Raises:
+            ArtifactError: naming the table and field (a manifest carries no checksum of its
+                own: a well-formed edit, say of a feature name, is served as written).
+        """
+
+        def need(ok: bool, field: str, value: object, expected: str) -> None:
+            if not ok:
+                raise ArtifactError(f"{where}: {field} is {value!r}, expected {expected}")
+
+        need(isinstance(self.is_weighted, bool), "is_weighted", self.is_weighted, "true or false")
+        need(self.unknown_id_policy in ("error", "reserved"), "unknown_id_policy",
+             self.unknown_id_policy, "'error' or 'reserved'")  # fmt: skip
+        need(isinstance(self.tables, list) and len(self.tables) > 0, "tables", self.tables,
+             "a non-empty list")  # fmt: skip
+        names = [t.name for t in self.tables]
+        features = [f for t in self.tables for f in (t.feature_names or [])]
+        need(len(set(names)) == len(names), "the list of table names", names, "unique names")
+        need(len(set(features)) == len(features), "the list of feature names", features,
+             "unique names")  # fmt: skip
+        for t in self.tables:
+            _check_table(t, f"table {t.name!r}", need)
 
     def total_bytes(self) -> int:
         """Sum of the blobs' sizes on disk (what serving maps)."""
@@ -169,6 +196,46 @@ class Manifest:
     def full_bytes(self) -> int:
         """What the same tables take as fp32."""
         return sum(t.full_bytes for t in self.tables)
+
+
+def _is_int(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_table(t: TableEntry, table: str, need) -> None:
+    """One table entry's fields (``need(ok, field, value, expected)`` raises)."""
+    need(isinstance(t.name, str) and t.name != "", "a table name", t.name, "a non-empty string")
+    need(isinstance(t.feature_names, list) and len(t.feature_names) > 0
+         and all(isinstance(f, str) for f in t.feature_names),
+         f"{table} feature_names", t.feature_names, "a non-empty list of strings")  # fmt: skip
+    need(_is_int(t.num_embeddings, 1), f"{table} num_embeddings", t.num_embeddings, "an int >= 1")
+    need(_is_int(t.embedding_dim, 1), f"{table} embedding_dim", t.embedding_dim, "an int >= 1")
+    need(t.pooling in ("SUM", "MEAN"), f"{table} pooling", t.pooling, "'SUM' or 'MEAN'")
+    blob = Path(t.blob) if isinstance(t.blob, str) else None
+    need(blob is not None and not blob.is_absolute() and ".." not in blob.parts,
+         f"{table} blob", t.blob, "a path inside the artifact folder")  # fmt: skip
+    need(_is_int(t.blob_bytes, 0), f"{table} blob_bytes", t.blob_bytes, "an int >= 0")
+    need(isinstance(t.sha256, str) and len(t.sha256) == 64, f"{table} sha256", t.sha256,
+         "64 hex digits")  # fmt: skip
+    need(isinstance(t.tensors, dict), f"{table} tensors", t.tensors, "a mapping")
+    for name, entry in t.tensors.items():
+        need(entry.dtype in _DTYPES, f"{table} tensor {name!r} dtype", entry.dtype,
+             f"one of {sorted(_DTYPES)}")  # fmt: skip
+        need(isinstance(entry.shape, list) and all(_is_int(n, 0) for n in entry.shape),
+             f"{table} tensor {name!r} shape", entry.shape, "a list of ints >= 0")  # fmt: skip
+    if t.num_subspaces is None:
+        need(t.codebook_size is None and t.code_dtype is None and t.codebook_dtype is None,
+             f"{table} codebook_size / code_dtype / codebook_dtype",
+             (t.codebook_size, t.code_dtype, t.codebook_dtype),
+             "null for a full table")  # fmt: skip
+        return
+    need(_is_int(t.num_subspaces, 1), f"{table} num_subspaces", t.num_subspaces, "an int >= 1")
+    need(_is_int(t.codebook_size, 1), f"{table} codebook_size", t.codebook_size, "an int >= 1")
+    need(t.codebook_dtype in CODEBOOK_DTYPES, f"{table} codebook_dtype", t.codebook_dtype,
+         f"one of {list(CODEBOOK_DTYPES)}")  # fmt: skip
+    codes = t.tensors.get("codes")
+    need(codes is not None and t.code_dtype == codes.dtype, f"{table} code_dtype", t.code_dtype,
+         "the dtype of its codes tensor")  # fmt: skip
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
