@@ -9,7 +9,8 @@ them), and the id -> code ids remap runs on the rank that owns the ids:
 
 after which the module's usual path (the codebook EBC's input dist, lookup, output dist) runs
 unchanged, so pooling, per-id weights, mean pooling and codebook gradients are exactly those of
-replicated codes. The price is two id-sized all-to-alls per batch (ids out, L codes back).
+replicated codes. The price is two id-sized all-to-alls per batch (ids out, L codes back; each
+distinct id of a rank's batch once) and a counts all-to-all before them, all blocking.
 
 Placement lives in the sharding plan, beside the codebook tables, under the key
 ``codes.<table>`` with sharding type ``row_wise``, ``table_wise`` or ``data_parallel``
