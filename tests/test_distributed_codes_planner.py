@@ -8,7 +8,7 @@ from dist_models import meta_model, sharders
 from test_distributed_planner import CRITEO, MiB, Sparse, cpu_topology, criteo_mec
 from torchrec import EmbeddingBagConfig
 from torchrec.distributed.planner import Topology
-from torchrec.distributed.planner.types import PlannerError
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 
 from mec_torchrec.distributed import (
     MECStorageReservation,
@@ -123,3 +123,25 @@ def test_row_wise_codes_sharding_splits_rows_in_ceil_blocks_and_skips_empty_rank
     ]
     assert shards == [([0, 0], [2, 2], "rank:0/cpu"), ([2, 0], [2, 2], "rank:1/cpu")]
     assert sharding.ranks == [0, 1]
+
+
+def test_codes_constraints_choose_like_overrides_and_reach_no_stock_table() -> None:
+    constraints = {
+        "codes.t_a": ParameterConstraints(sharding_types=["row_wise"]),
+        "t_a@0": ParameterConstraints(sharding_types=["table_wise"]),
+    }
+    planner = make_planner(cpu_topology(1024 * MiB), batch_size=8, constraints=constraints)
+    plan = planner.plan(meta_model(), sharders())
+    assert codes_entries(plan)["codes.t_a"] == ("row_wise", [0, 1])
+    assert codes_entries(plan)["codes.t_b"] == ("data_parallel", [0, 1])
+    assert plan.plan["sparse"]["t_a@0"].sharding_type == "table_wise"
+
+
+def test_a_list_of_allowed_types_is_chosen_from_by_the_budget() -> None:
+    # 300 MiB per rank: the two largest Criteo tables' codes must leave the replicas; allowed
+    # only table_wise or replicated, they go table-wise, one per rank.
+    allowed = {"t_C3": ["data_parallel", "table_wise"], "t_C12": ["data_parallel", "table_wise"]}
+    planner = make_planner(cpu_topology(300 * MiB), batch_size=4096, codes_sharding=allowed)
+    entries = codes_entries(planner.plan(criteo_mec(), sharders()))
+    assert entries["codes.t_C3"][0] == entries["codes.t_C12"][0] == "table_wise"
+    assert {entries["codes.t_C3"][1][0], entries["codes.t_C12"][1][0]} == {0, 1}

@@ -33,6 +33,7 @@ from torchrec.distributed.types import (
 )
 
 from mec_torchrec.distributed.codes import (
+    CODES_PREFIX,
     CODES_SHARDING_TYPES,
     codes_key,
     codes_sharding,
@@ -70,24 +71,38 @@ def named_mec_modules(module: nn.Module) -> dict[str, MECEmbeddingBagCollection]
 CodesPlacement = dict[tuple[str, str], ParameterSharding]
 
 
+def _preferred(allowed: list[str], shard: bool) -> str:
+    order = [ShardingType.ROW_WISE.value, ShardingType.TABLE_WISE.value]
+    order = (
+        [*order, ShardingType.DATA_PARALLEL.value]
+        if shard
+        else [ShardingType.DATA_PARALLEL.value, *order]
+    )
+    return next(kind for kind in order if kind in allowed)
+
+
 def place_codes(
     module: nn.Module,
     topology: Topology,
-    overrides: dict[str, str] | None = None,
+    overrides: dict[str, str | list[str]] | None = None,
     replicated_share: float = REPLICATED_CODES_SHARE,
 ) -> CodesPlacement:
     """Where each compressed table's codes go: replicated if they fit comfortably, else sharded.
 
     Codes stay replicated (`data_parallel`) while all replicated codes take at most
     `replicated_share` of the smallest rank's memory (HBM on CUDA, DDR on CPU); otherwise the
-    largest tables are sharded `row_wise` over every rank until the rest fit. `overrides`
-    (table name -> `data_parallel` | `row_wise` | `table_wise`) win; a `table_wise` table goes
-    to the rank holding the fewest code bytes so far.
+    largest tables are sharded (`row_wise` over every rank) until the rest fit. `overrides`
+    (table name -> `data_parallel` | `row_wise` | `table_wise`, or a list of those to choose
+    from, preferring row_wise to table_wise) win; a `table_wise` table goes to the rank holding
+    the fewest code bytes so far.
 
     Raises:
         ValueError: an override names an unknown table or sharding type.
     """
-    overrides = dict(overrides or {})
+    allowed = {
+        name: [kinds] if isinstance(kinds, str) else list(kinds)
+        for name, kinds in (overrides or {}).items()
+    }
     world = topology.world_size
     on_hbm = topology.compute_device in {"cuda", "mtia"}
     budget = min(d.storage.hbm if on_hbm else d.storage.ddr for d in topology.devices)
@@ -96,26 +111,29 @@ def place_codes(
         for fqn, mec in named_mec_modules(module).items()
         for name, buffer in mec.codes.named_buffers()
     ]
-    unknown = sorted(set(overrides) - {name for _, name, _ in tables})
+    unknown = sorted(set(allowed) - {name for _, name, _ in tables})
     if unknown:
         raise ValueError(f"codes overrides name {unknown}, which are not compressed tables")
-    bad = {n: t for n, t in overrides.items() if t not in CODES_SHARDING_TYPES}
+    bad = {n: t for n, t in allowed.items() if not t or set(t) - set(CODES_SHARDING_TYPES)}
     if bad:
         raise ValueError(f"codes overrides {bad}: expected one of {CODES_SHARDING_TYPES}")
-    kinds = {(fqn, name): overrides.get(name) for fqn, name, _ in tables}
+    choices = {
+        (fqn, name): allowed.get(name, list(CODES_SHARDING_TYPES)) for fqn, name, _ in tables
+    }
+    kinds = {key: options[0] for key, options in choices.items() if len(options) == 1}
     replicated = sum(
         b.numel() * b.element_size()
         for fqn, name, b in tables
-        if kinds[fqn, name] in (None, ShardingType.DATA_PARALLEL.value)
+        if kinds.get((fqn, name), ShardingType.DATA_PARALLEL.value)
+        == ShardingType.DATA_PARALLEL.value
     )
     for fqn, name, buffer in sorted(tables, key=lambda t: -t[2].numel() * t[2].element_size()):
-        if kinds[fqn, name] is None:
-            size = buffer.numel() * buffer.element_size()
-            if replicated > replicated_share * budget and world > 1:
-                kinds[fqn, name] = ShardingType.ROW_WISE.value
-                replicated -= size
-            else:
-                kinds[fqn, name] = ShardingType.DATA_PARALLEL.value
+        if (fqn, name) in kinds:
+            continue
+        shard = replicated > replicated_share * budget and world > 1
+        kinds[fqn, name] = _preferred(choices[fqn, name], shard)
+        if kinds[fqn, name] != ShardingType.DATA_PARALLEL.value:
+            replicated -= buffer.numel() * buffer.element_size()
     load = [0] * world
     placement: CodesPlacement = {}
     for fqn, name, buffer in tables:
@@ -293,17 +311,26 @@ class MECShardingPlanner(EmbeddingShardingPlanner):
         *,
         codebook_sharding_types: list[str] | None,
         constraints: dict[str, ParameterConstraints] | None = None,
-        codes_sharding: dict[str, str] | None = None,
+        codes_sharding: dict[str, str | list[str]] | None = None,
         replicated_codes_share: float = REPLICATED_CODES_SHARE,
         **kwargs: object,
     ) -> None:
-        self._requested = dict(constraints or {})
+        # Constraints on `codes.<table>` (sharding_types) are codes overrides, not tables the
+        # stock planner knows; an explicit `codes_sharding` entry wins over them.
+        self._codes_sharding: dict[str, str | list[str]] = {
+            key[len(CODES_PREFIX) :]: list(c.sharding_types or CODES_SHARDING_TYPES)
+            for key, c in (constraints or {}).items()
+            if key.startswith(CODES_PREFIX)
+        }
+        self._codes_sharding.update(codes_sharding or {})
+        self._requested = {
+            k: c for k, c in (constraints or {}).items() if not k.startswith(CODES_PREFIX)
+        }
         # The enumerator, estimators and reservation all keep a reference to this dict, so
         # per-module defaults added in plan() reach every one of them.
         self._planned_constraints: dict[str, ParameterConstraints] = dict(self._requested)
         super().__init__(constraints=self._planned_constraints, **kwargs)  # type: ignore[arg-type]
         self._codebook_sharding_types = codebook_sharding_types
-        self._codes_sharding = dict(codes_sharding or {})
         self._replicated_codes_share = replicated_codes_share
 
     def plan(self, module: nn.Module, sharders: list[ModuleSharder[nn.Module]]) -> ShardingPlan:
@@ -359,7 +386,9 @@ def make_planner(
         codebook_sharding_types: sharding types allowed for codebook tables not in `constraints`;
             `["data_parallel"]` if None, `[]` to let the planner choose freely.
         codes_sharding: table name -> `data_parallel` (replicated) | `row_wise` | `table_wise`
-            for its codes; other tables are placed by the memory budget (see `place_codes`).
+            for its codes, or a list of those to choose from by the memory budget (as other
+            tables are, see `place_codes`). `constraints` may say the same as
+            `{"codes.<table>": ParameterConstraints(sharding_types=[...])}`.
         replicated_codes_share: the share of a rank's memory replicated codes may take before
             the largest tables are sharded.
         reservation: a `MECStorageReservation` with non-default settings; the default otherwise.
