@@ -184,7 +184,7 @@ def describe_codes(plan: ShardingPlan) -> list[str]:
 
 
 def replicated_bytes(module: nn.Module) -> int:
-    """Bytes of MEC codes inside `module`: what every rank holds whatever the plan.
+    """Bytes of MEC codes inside `module`: what every rank holds if no code table is sharded.
 
     Works on meta-device modules (sizes come from shapes and dtypes), so a plan can be checked
     without allocating the codes.
