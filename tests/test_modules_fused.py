@@ -16,8 +16,9 @@ pytestmark = [
 ]
 
 
-def _pair(tables: list[EmbeddingBagConfig], compression: dict[str, MECTableConfig],
-          weighted: bool) -> tuple[MECEmbeddingBagCollection, MECEmbeddingBagCollection]:
+def _pair(
+    tables: list[EmbeddingBagConfig], compression: dict[str, MECTableConfig], weighted: bool
+) -> tuple[MECEmbeddingBagCollection, MECEmbeddingBagCollection]:
     torch.manual_seed(0)
     fused_mec = MECEmbeddingBagCollection(tables, compression, is_weighted=weighted, kernel="fused")
     tbe_mec = MECEmbeddingBagCollection(tables, compression, is_weighted=weighted, kernel="tbe")
@@ -39,8 +40,13 @@ def test_outputs_and_gradients_equal_tbe_path(pooling: PoolingType, weighted: bo
     fused_mec, tbe_mec = _pair(tables, COMPRESSION, weighted)
     codes = {n: b.clone() for n, b in fused_mec.codes.named_buffers()}
     for seed in range(3):
-        kjt = random_kjt(tables, 16, weighted, torch.Generator().manual_seed(seed),
-                         keys=["e", "c", "a", "d", "b"])
+        kjt = random_kjt(
+            tables,
+            16,
+            weighted,
+            torch.Generator().manual_seed(seed),
+            keys=["e", "c", "a", "d", "b"],
+        )
         assert (kjt.lengths() == 0).any()
         out_f, out_t = fused_mec(kjt), tbe_mec(kjt)
         assert out_f.keys() == out_t.keys()
@@ -62,8 +68,10 @@ def test_outputs_and_gradients_equal_tbe_path(pooling: PoolingType, weighted: bo
 
 @pytest.mark.parametrize("codebook_size", [16, 300, 40000])  # uint8, int16, int32 codes
 def test_code_dtypes(codebook_size: int) -> None:
-    tables = [EmbeddingBagConfig(name="t", embedding_dim=6, num_embeddings=40, feature_names=["f"]),
-              EmbeddingBagConfig(name="u", embedding_dim=2, num_embeddings=5, feature_names=["g"])]
+    tables = [
+        EmbeddingBagConfig(name="t", embedding_dim=6, num_embeddings=40, feature_names=["f"]),
+        EmbeddingBagConfig(name="u", embedding_dim=2, num_embeddings=5, feature_names=["g"]),
+    ]
     fused_mec, tbe_mec = _pair(tables, {"t": MECTableConfig(3, codebook_size)}, weighted=False)
     kjt = random_kjt(tables, 8, False, torch.Generator().manual_seed(1))
     torch.testing.assert_close(fused_mec(kjt).values(), tbe_mec(kjt).values(), atol=1e-5, rtol=1e-5)
@@ -80,8 +88,9 @@ def test_per_sample_weight_gradients_match() -> None:
     grads = []
     for mec in (fused_mec, tbe_mec):
         weights = kjt.weights().clone().requires_grad_(True)
-        leaf = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(),
-                                 weights=weights)
+        leaf = KeyedJaggedTensor(
+            keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=weights
+        )
         mec(leaf).values().pow(2).sum().backward()
         grads.append(weights.grad)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
@@ -90,8 +99,11 @@ def test_per_sample_weight_gradients_match() -> None:
 def test_all_bags_empty() -> None:
     tables = _tables()
     fused_mec, tbe_mec = _pair(tables, COMPRESSION, weighted=False)
-    kjt = KeyedJaggedTensor(keys=["a", "b", "c", "d", "e"], values=torch.zeros(0, dtype=torch.int64),
-                            lengths=torch.zeros(5 * 3, dtype=torch.int64))
+    kjt = KeyedJaggedTensor(
+        keys=["a", "b", "c", "d", "e"],
+        values=torch.zeros(0, dtype=torch.int64),
+        lengths=torch.zeros(5 * 3, dtype=torch.int64),
+    )
     out = fused_mec(kjt).values()
     assert torch.equal(out, tbe_mec(kjt).values()) and not out.any()
     out.sum().backward()
@@ -111,7 +123,9 @@ def test_fx_trace_keeps_fused_lookup_as_one_node() -> None:
     tables = _tables()
     fused_mec, _ = _pair(tables, COMPRESSION, weighted=False)
     traced = torchrec.fx.symbolic_trace(fused_mec)
-    assert any(getattr(n.target, "__name__", "") == "fused_pooled_lookup" for n in traced.graph.nodes)
+    assert any(
+        getattr(n.target, "__name__", "") == "fused_pooled_lookup" for n in traced.graph.nodes
+    )
     kjt = random_kjt(tables, 4, False, torch.Generator().manual_seed(3))
     assert torch.equal(traced(kjt).values(), fused_mec(kjt).values())
 
@@ -161,22 +175,38 @@ def _specialised_tables(pooling: PoolingType) -> list[EmbeddingBagConfig]:
     # Shapes the kernel specialises (L x D/L: 4 x 16 uint8, 2 x 8 int16 codes, 8 x 4; full
     # tables of D 8 and 32), beside a generic one (3 x 2) whose odd width unaligns the columns.
     def table(name: str, dim: int, rows: int, features: list[str]) -> EmbeddingBagConfig:
-        return EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=rows,
-                                  feature_names=features, pooling=pooling)
-    return [table("p", 64, 300, ["p1", "p2"]), table("q", 16, 200, ["q"]),
-            table("r", 32, 100, ["r"]), table("s", 8, 9, ["s"]), table("u", 32, 5, ["u"]),
-            table("v", 6, 50, ["v"])]
+        return EmbeddingBagConfig(
+            name=name,
+            embedding_dim=dim,
+            num_embeddings=rows,
+            feature_names=features,
+            pooling=pooling,
+        )
+
+    return [
+        table("p", 64, 300, ["p1", "p2"]),
+        table("q", 16, 200, ["q"]),
+        table("r", 32, 100, ["r"]),
+        table("s", 8, 9, ["s"]),
+        table("u", 32, 5, ["u"]),
+        table("v", 6, 50, ["v"]),
+    ]
 
 
-SPECIALISED = {"p": MECTableConfig(4, 256), "q": MECTableConfig(2, 300),
-               "r": MECTableConfig(8, 16), "v": MECTableConfig(3, 4)}
+SPECIALISED = {
+    "p": MECTableConfig(4, 256),
+    "q": MECTableConfig(2, 300),
+    "r": MECTableConfig(8, 16),
+    "v": MECTableConfig(3, 4),
+}
 
 
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("drop", [None, "v"])  # with "v" dropped every column is 16-byte aligned
-def test_specialised_kernels_equal_tbe_path(pooling: PoolingType, weighted: bool,
-                                            drop: str | None) -> None:
+def test_specialised_kernels_equal_tbe_path(
+    pooling: PoolingType, weighted: bool, drop: str | None
+) -> None:
     tables = [t for t in _specialised_tables(pooling) if t.name != drop]
     compression = {k: c for k, c in SPECIALISED.items() if k != drop}
     fused_mec, tbe_mec = _pair(tables, compression, weighted)

@@ -113,8 +113,21 @@ class _FusedLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, offsets, per_sample_weights, codes, plan, batch, *weights):
         feat_start, feat_code, feat_mean, lk_table, lk_dim, lk_col, _, _, _, total_dim = plan
-        out = _ext.forward(ids, offsets, per_sample_weights, weights, codes, batch, total_dim,
-                           feat_start, feat_code, feat_mean, lk_table, lk_dim, lk_col)
+        out = _ext.forward(
+            ids,
+            offsets,
+            per_sample_weights,
+            weights,
+            codes,
+            batch,
+            total_dim,
+            feat_start,
+            feat_code,
+            feat_mean,
+            lk_table,
+            lk_dim,
+            lk_col,
+        )
         ctx.plan, ctx.batch, ctx.codes = plan, batch, codes
         # The weight gradients need only the weights' shapes (leaf parameters: no cycle); their
         # values are read, and so saved, only for the per-sample weights' gradient.
@@ -127,12 +140,40 @@ class _FusedLookup(torch.autograd.Function):
     def backward(ctx, grad_out):
         ids, offsets, psw, *saved_weights = ctx.saved_tensors
         weights = saved_weights if ctx.psw_grad else ctx.weights
-        feat_start, feat_code, feat_mean, lk_table, lk_dim, lk_col, lk_feat, table_ptr, table_lk, _ = ctx.plan
+        (
+            feat_start,
+            feat_code,
+            feat_mean,
+            lk_table,
+            lk_dim,
+            lk_col,
+            lk_feat,
+            table_ptr,
+            table_lk,
+            _,
+        ) = ctx.plan
         grads = _ext.backward(
-            grad_out, ids, offsets, psw, weights, ctx.codes, ctx.batch, feat_start, feat_code,
-            feat_mean, lk_table, lk_dim, lk_col, lk_feat, table_ptr, table_lk, ctx.psw_grad,
+            grad_out,
+            ids,
+            offsets,
+            psw,
+            weights,
+            ctx.codes,
+            ctx.batch,
+            feat_start,
+            feat_code,
+            feat_mean,
+            lk_table,
+            lk_dim,
+            lk_col,
+            lk_feat,
+            table_ptr,
+            table_lk,
+            ctx.psw_grad,
         )
-        weight_grads = [g if need else None for g, need in zip(grads[:-1], ctx.needs_input_grad[6:])]
+        weight_grads = [
+            g if need else None for g, need in zip(grads[:-1], ctx.needs_input_grad[6:])
+        ]
         return (None, None, grads[-1] if ctx.psw_grad else None, None, None, None, *weight_grads)
 
 

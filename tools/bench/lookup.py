@@ -46,20 +46,51 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from mec_torchrec.modules import MECEmbeddingBagCollection, MECTableConfig
 from mec_torchrec.modules import fused as mec_fused
 
-CRITEO_KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
-                 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+CRITEO_KAGGLE = [
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
+]
 
 
 def criteo_tables(scale: float, dim: int) -> list[EmbeddingBagConfig]:
     return [
-        EmbeddingBagConfig(name=f"t_C{i + 1}", embedding_dim=dim,
-                           num_embeddings=max(1, int(n * scale)), feature_names=[f"C{i + 1}"])
+        EmbeddingBagConfig(
+            name=f"t_C{i + 1}",
+            embedding_dim=dim,
+            num_embeddings=max(1, int(n * scale)),
+            feature_names=[f"C{i + 1}"],
+        )
         for i, n in enumerate(CRITEO_KAGGLE)
     ]
 
 
-def zipf_batch(tables: list[EmbeddingBagConfig], batch: int, device: torch.device,
-               generator: torch.Generator) -> KeyedJaggedTensor:
+def zipf_batch(
+    tables: list[EmbeddingBagConfig], batch: int, device: torch.device, generator: torch.Generator
+) -> KeyedJaggedTensor:
     """One id per feature per sample, P(id = k) ~ 1 / (k + 1) (log-uniform inverse CDF)."""
     values = []
     for t in tables:
@@ -73,8 +104,9 @@ def zipf_batch(tables: list[EmbeddingBagConfig], batch: int, device: torch.devic
     ).to(device)
 
 
-def compression_for(tables: list[EmbeddingBagConfig], subspaces: int,
-                    codebook_size: int) -> dict[str, MECTableConfig]:
+def compression_for(
+    tables: list[EmbeddingBagConfig], subspaces: int, codebook_size: int
+) -> dict[str, MECTableConfig]:
     out = {}
     for t in tables:
         stored = t.num_embeddings * subspaces + codebook_size * t.embedding_dim * 4
@@ -83,8 +115,9 @@ def compression_for(tables: list[EmbeddingBagConfig], subspaces: int,
     return out
 
 
-def fused_tbe(shapes: list[tuple[int, int]], feature_tables: list[int],
-              device: torch.device) -> SplitTableBatchedEmbeddingBagsCodegen:
+def fused_tbe(
+    shapes: list[tuple[int, int]], feature_tables: list[int], device: torch.device
+) -> SplitTableBatchedEmbeddingBagsCodegen:
     on_cpu = device.type == "cpu"
     location = EmbeddingLocation.HOST if on_cpu else EmbeddingLocation.DEVICE
     compute = ComputeDevice.CPU if on_cpu else ComputeDevice.CUDA
@@ -128,7 +161,9 @@ def backprop(out: torch.Tensor) -> None:
         return
     key = (tuple(out.shape), out.device)
     if key not in _grads:
-        _grads[key] = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device)
+        _grads[key] = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(
+            out.device
+        )
     out.backward(_grads[key])
 
 
@@ -153,8 +188,14 @@ class Recorder:
         self.dim, self.iters, self.device = dim, iters, device
         self.variants: list[tuple[str, Callable, Callable, int, str]] = []
 
-    def add(self, name: str, forward: Callable[[int], object], step: Callable[[int], object],
-            resident: int, note: str = "") -> None:
+    def add(
+        self,
+        name: str,
+        forward: Callable[[int], object],
+        step: Callable[[int], object],
+        resident: int,
+        note: str = "",
+    ) -> None:
         self.variants.append((name, forward, step, resident, note))
 
     def run(self) -> list[dict]:
@@ -171,15 +212,20 @@ class Recorder:
         rows = []
         for name, _, _, resident, note in self.variants:
             fwd, train = best[name]
-            rows.append({"dim": self.dim, "variant": name, "fwd": fwd, "train": train,
-                         "bytes": resident})
-            print(f"  D={self.dim} {name:14s} fwd {fwd * 1e3:8.2f} ms  train "
-                  f"{train * 1e3:8.2f} ms  {resident / 2**20:9.1f} MiB {note}", flush=True)
+            rows.append(
+                {"dim": self.dim, "variant": name, "fwd": fwd, "train": train, "bytes": resident}
+            )
+            print(
+                f"  D={self.dim} {name:14s} fwd {fwd * 1e3:8.2f} ms  train "
+                f"{train * 1e3:8.2f} ms  {resident / 2**20:9.1f} MiB {note}",
+                flush=True,
+            )
         return rows
 
 
-def bench_ebc(record: Recorder, tables: list[EmbeddingBagConfig],
-              batches: list[KeyedJaggedTensor]) -> None:
+def bench_ebc(
+    record: Recorder, tables: list[EmbeddingBagConfig], batches: list[KeyedJaggedTensor]
+) -> None:
     ebc = EmbeddingBagCollection(tables=tables, device=record.device)
     sgd = torch.optim.SGD(ebc.parameters(), lr=0.01)
 
@@ -187,6 +233,7 @@ def bench_ebc(record: Recorder, tables: list[EmbeddingBagConfig],
         sgd.zero_grad(set_to_none=False)
         backprop(ebc(batches[i % 4]).values())
         sgd.step()
+
     step(0)  # materialise the dense grads: they stay resident during training
     record.add("ebc", lambda i: ebc(batches[i % 4]), step, tensor_bytes(ebc.parameters()) * 2)
 
@@ -194,30 +241,49 @@ def bench_ebc(record: Recorder, tables: list[EmbeddingBagConfig],
 def tbe_bytes(tbe: SplitTableBatchedEmbeddingBagsCodegen) -> int:
     """Weights + rowwise Adagrad state, wherever the TBE keeps them."""
     on_host = tbe.weights_host.numel() > 0
-    return tensor_bytes([tbe.weights_host if on_host else tbe.weights_dev,
-                         tbe.momentum1_host if on_host else tbe.momentum1_dev])
+    return tensor_bytes(
+        [
+            tbe.weights_host if on_host else tbe.weights_dev,
+            tbe.momentum1_host if on_host else tbe.momentum1_dev,
+        ]
+    )
 
 
-def bench_tbe(record: Recorder, tables: list[EmbeddingBagConfig],
-              batches: list[KeyedJaggedTensor]) -> None:
-    tbe = fused_tbe([(t.num_embeddings, t.embedding_dim) for t in tables],
-                    list(range(len(tables))), record.device)
+def bench_tbe(
+    record: Recorder, tables: list[EmbeddingBagConfig], batches: list[KeyedJaggedTensor]
+) -> None:
+    tbe = fused_tbe(
+        [(t.num_embeddings, t.embedding_dim) for t in tables],
+        list(range(len(tables))),
+        record.device,
+    )
     flat = [(b.values(), b.offsets()) for b in batches]
-    record.add("tbe", lambda i: tbe(*flat[i % 4]), lambda i: backprop(tbe(*flat[i % 4])),
-           tbe_bytes(tbe))
+    record.add(
+        "tbe", lambda i: tbe(*flat[i % 4]), lambda i: backprop(tbe(*flat[i % 4])), tbe_bytes(tbe)
+    )
 
 
-def bench_mec(record: Recorder, tables: list[EmbeddingBagConfig],
-              batches: list[KeyedJaggedTensor], subspaces: int, codebook_size: int) -> None:
+def bench_mec(
+    record: Recorder,
+    tables: list[EmbeddingBagConfig],
+    batches: list[KeyedJaggedTensor],
+    subspaces: int,
+    codebook_size: int,
+) -> None:
     for kernel, suffix in (("auto", ""), ("tbe", "-remap")):
-        mec = MECEmbeddingBagCollection(tables, compression_for(tables, subspaces, codebook_size),
-                                        device=record.device, kernel=kernel)
+        mec = MECEmbeddingBagCollection(
+            tables,
+            compression_for(tables, subspaces, codebook_size),
+            device=record.device,
+            kernel=kernel,
+        )
         adagrad = torch.optim.Adagrad(mec.parameters(), lr=0.01, fused=True)
 
         def step(i: int, mec=mec, adagrad=adagrad) -> None:
             adagrad.zero_grad()
             backprop(mec(batches[i % 4]).values())
             adagrad.step()
+
         model_bytes = sum(b.stored for b in mec.embedding_bytes().values())
         if kernel == "tbe":
             note = mec_breakdown(mec, batches, record.iters, record.device)
@@ -226,20 +292,33 @@ def bench_mec(record: Recorder, tables: list[EmbeddingBagConfig],
             note = fused_breakdown(mec, batches, adagrad, record.iters, record.device)
         else:
             note = ""
-        record.add(f"mec-L{subspaces}{suffix}", lambda i, mec=mec: mec(batches[i % 4]), step,
-                   model_bytes + tensor_bytes(mec.parameters()), note)
+        record.add(
+            f"mec-L{subspaces}{suffix}",
+            lambda i, mec=mec: mec(batches[i % 4]),
+            step,
+            model_bytes + tensor_bytes(mec.parameters()),
+            note,
+        )
 
     # The same remap feeding the codebooks to a fused rowwise-Adagrad TBE instead.
     layout = mec._layout
-    fused = fused_tbe([(t.num_embeddings, t.embedding_dim) for t in layout.inner_tables],
-                      layout.lookup_tables, record.device)
+    fused = fused_tbe(
+        [(t.num_embeddings, t.embedding_dim) for t in layout.inner_tables],
+        layout.lookup_tables,
+        record.device,
+    )
 
     def fused_forward(i: int) -> torch.Tensor:
         values, lengths, _ = mec._remap_tensors(batches[i % 4])
         return fused(values, torch.ops.fbgemm.asynchronous_complete_cumsum(lengths))
+
     codes_bytes = tensor_bytes([getattr(mec.codes, n) for n in layout.compressed])
-    record.add(f"mec-L{subspaces}-fused", fused_forward, lambda i: backprop(fused_forward(i)),
-           codes_bytes + tbe_bytes(fused))
+    record.add(
+        f"mec-L{subspaces}-fused",
+        fused_forward,
+        lambda i: backprop(fused_forward(i)),
+        codes_bytes + tbe_bytes(fused),
+    )
 
 
 def bench_dim(args: argparse.Namespace, dim: int, device: torch.device) -> list[dict]:
@@ -258,24 +337,39 @@ def bench_dim(args: argparse.Namespace, dim: int, device: torch.device) -> list[
     return rows
 
 
-def mec_breakdown(mec: MECEmbeddingBagCollection, batches: list[KeyedJaggedTensor], iters: int,
-                  device: torch.device) -> str:
+def mec_breakdown(
+    mec: MECEmbeddingBagCollection,
+    batches: list[KeyedJaggedTensor],
+    iters: int,
+    device: torch.device,
+) -> str:
     """Forward split into remap (ids -> code ids) and the one-call pooled lookup."""
     remapped = [mec._remap_tensors(b) for b in batches]
     offsets = [torch.ops.fbgemm.asynchronous_complete_cumsum(r[1]) for r in remapped]
     with torch.no_grad():
         remap = timed(lambda i: mec._remap_tensors(batches[i % 4]), iters, device)
-        lookup = timed(lambda i: mec._lookup(mec._inner_weights(), remapped[i % 4][0],
-                                             offsets[i % 4], remapped[i % 4][1], None),
-                       iters, device)
+        lookup = timed(
+            lambda i: mec._lookup(
+                mec._inner_weights(), remapped[i % 4][0], offsets[i % 4], remapped[i % 4][1], None
+            ),
+            iters,
+            device,
+        )
         pooled = mec.codebooks(mec.remap(batches[0])).to_dict()
         regroup = timed(lambda i: mec.regroup(pooled), iters, device)
-    return (f"[remap {remap * 1e3:.2f} ms, lookup {lookup * 1e3:.2f} ms; "
-            f"regroup(dict), sharded path only: {regroup * 1e3:.2f} ms]")
+    return (
+        f"[remap {remap * 1e3:.2f} ms, lookup {lookup * 1e3:.2f} ms; "
+        f"regroup(dict), sharded path only: {regroup * 1e3:.2f} ms]"
+    )
 
 
-def fused_breakdown(mec: MECEmbeddingBagCollection, batches: list[KeyedJaggedTensor],
-                    optimizer: torch.optim.Optimizer, iters: int, device: torch.device) -> str:
+def fused_breakdown(
+    mec: MECEmbeddingBagCollection,
+    batches: list[KeyedJaggedTensor],
+    optimizer: torch.optim.Optimizer,
+    iters: int,
+    device: torch.device,
+) -> str:
     """Training step of the fused CPU kernel in parts, each timed alone (warm caches): KJT
     checks (layout, lengths, id bounds), the kernel's forward, its backward (dense output
     gradient, codebook gradients out) and the optimizer step. The rest of a step is autograd
@@ -295,14 +389,18 @@ def fused_breakdown(mec: MECEmbeddingBagCollection, batches: list[KeyedJaggedTen
 
     def kernel_backward(i: int) -> list[torch.Tensor]:
         ids, _, _, _, _ = checked[i % 4]
-        return ext.backward(grad, ids, offsets[i % 4], None, weights, codes, batch, *plan[:9],
-                            False)
+        return ext.backward(
+            grad, ids, offsets[i % 4], None, weights, codes, batch, *plan[:9], False
+        )
+
     check = timed(lambda i: mec._checked_tensors(batches[i % 4]), iters, device)
     forward = timed(kernel_forward, iters, device)
     backward = timed(kernel_backward, iters, device)
     step = timed(lambda i: optimizer.step(), iters, device)
-    return (f"[checks {check * 1e3:.2f} ms, kernel fwd {forward * 1e3:.2f} ms, "
-            f"kernel bwd {backward * 1e3:.2f} ms, optimizer {step * 1e3:.2f} ms]")
+    return (
+        f"[checks {check * 1e3:.2f} ms, kernel fwd {forward * 1e3:.2f} ms, "
+        f"kernel bwd {backward * 1e3:.2f} ms, optimizer {step * 1e3:.2f} ms]"
+    )
 
 
 def main() -> None:
@@ -317,10 +415,18 @@ def main() -> None:
     parser.add_argument("--skip-ebc", action="store_true", help="skip the slow torchrec EBC")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--clock", choices=sorted(CLOCK), default="wall",
-                        help="wall time, or process CPU time (for --threads 1 on a busy CPU host)")
-    parser.add_argument("--loss", choices=["sum", "dense"], default="sum",
-                        help="train step gradient: out.sum() (broadcast) or a dense random one")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCK),
+        default="wall",
+        help="wall time, or process CPU time (for --threads 1 on a busy CPU host)",
+    )
+    parser.add_argument(
+        "--loss",
+        choices=["sum", "dense"],
+        default="sum",
+        help="train step gradient: out.sum() (broadcast) or a dense random one",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     global clock, dense_loss
@@ -330,22 +436,29 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows_total = sum(t.num_embeddings for t in criteo_tables(args.scale, 1))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
-    print(f"lookup bench: {where}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}, "
-          f"scale {args.scale} ({rows_total:,} rows), batch {args.batch}, "
-          f"K {args.codebook_size}, {args.clock} clock, {args.loss} loss", flush=True)
+    print(
+        f"lookup bench: {where}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}, "
+        f"scale {args.scale} ({rows_total:,} rows), batch {args.batch}, "
+        f"K {args.codebook_size}, {args.clock} clock, {args.loss} loss",
+        flush=True,
+    )
     rows = []
     for dim in args.dim:
         rows += bench_dim(args, dim, device)
-    print("\n| D | variant | fwd samples/s | train samples/s | fwd / tbe | train / tbe | "
-          "resident MiB | memory vs tbe |")
+    print(
+        "\n| D | variant | fwd samples/s | train samples/s | fwd / tbe | train / tbe | "
+        "resident MiB | memory vs tbe |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = next(b for b in rows if b["dim"] == r["dim"] and b["variant"] == "tbe")
-        print(f"| {r['dim']} | {r['variant']} | {args.batch / r['fwd']:,.0f} | "
-              f"{args.batch / r['train']:,.0f} | {base['fwd'] / r['fwd']:.2f}x | "
-              f"{base['train'] / r['train']:.2f}x | {r['bytes'] / 2**20:,.1f} | "
-              f"{base['bytes'] / r['bytes']:.1f}x smaller |")
+        print(
+            f"| {r['dim']} | {r['variant']} | {args.batch / r['fwd']:,.0f} | "
+            f"{args.batch / r['train']:,.0f} | {base['fwd'] / r['fwd']:.2f}x | "
+            f"{base['train'] / r['train']:.2f}x | {r['bytes'] / 2**20:,.1f} | "
+            f"{base['bytes'] / r['bytes']:.1f}x smaller |"
+        )
 
 
 if __name__ == "__main__":
