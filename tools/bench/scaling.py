@@ -177,8 +177,9 @@ def main() -> None:
     )
     for name, cards in (("Criteo Terabyte", CRITEO_TERABYTE), ("10B-id table", TEN_BILLION)):
         compressed = sum(n for n in cards if n >= s.min_rows)
+        tables = f"{len(cards)} table" + ("s" if len(cards) > 1 else "")
         print(
-            f"{name}: {len(cards)} tables, {sum(cards):,} rows, {compressed:,} compressed; "
+            f"{name}: {tables}, {sum(cards):,} rows, {compressed:,} compressed; "
             f"full fp32 {human(sum(cards) * s.dim * 4)}, codes {human(compressed * s.subspaces)}"
         )
     print()
