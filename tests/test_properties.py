@@ -28,6 +28,7 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
+from test_export import make_mec
 from torchrec import KeyedJaggedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
@@ -42,7 +43,7 @@ from mec_torchrec.data.spec import (
     dataset_spec_from_dict,
     load_dataset_spec,
 )
-from mec_torchrec.export import MECInferenceEmbeddingBagCollection, export_model
+from mec_torchrec.export import ArtifactError, MECInferenceEmbeddingBagCollection, export_model
 from mec_torchrec.modules.config import MECTableConfig
 from mec_torchrec.quantize import CompressedTable, TableFileError
 
@@ -493,6 +494,67 @@ def test_corrupted_tensor_bytes_are_always_refused(saved_table, data) -> None:
         (tmp / "t.safetensors").write_bytes(bytes(buffer))
         with pytest.raises(TableFileError, match="sha256"):
             CompressedTable.load(tmp / "t.safetensors")
+
+
+# -- serving artifacts -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def artifact() -> Iterator[Path]:
+    with scratch() as tmp:
+        export_model(make_mec(), tmp / "art", "int8")
+        yield tmp / "art"
+
+
+MANIFEST_VALUES = st.sampled_from(
+    [0, 1, -1, 4, 16, 500, 2.5, True, None, "", "x", "SUM", "MEAN", "uint8", "int8", "fp16",
+     "../t.safetensors", "tables/t_b.safetensors", [], ["a"], ["b", "c"], {}, [500, 4]]
+)  # fmt: skip
+TABLE_FIELDS = ["name", "feature_names", "num_embeddings", "embedding_dim", "pooling", "blob",
+                "blob_bytes", "sha256", "tensors", "num_subspaces", "codebook_size", "code_dtype",
+                "codebook_dtype"]  # fmt: skip
+
+
+@FEW
+@given(data=st.data())
+def test_an_edited_manifest_is_refused_or_served(artifact: Path, data) -> None:
+    """Any 1-3 field edits (or deletions): an ArtifactError, or a module that serves its own
+    features. (A manifest has no checksum: a well-formed edit is served as written.)"""
+    raw = json.loads((artifact / "manifest.json").read_text())
+    for _ in range(data.draw(st.integers(1, 3))):
+        where = data.draw(st.sampled_from(["top", "table", "tensor"]))
+        if where == "top":
+            target = raw
+            key = data.draw(st.sampled_from(["tables", "is_weighted", "unknown_id_policy",
+                                             "format_version"]))  # fmt: skip
+        else:
+            target = data.draw(st.sampled_from(raw["tables"]))
+            if not isinstance(target, dict):
+                continue
+            key = data.draw(st.sampled_from(TABLE_FIELDS))
+            if where == "tensor" and isinstance(target.get("tensors"), dict) and target["tensors"]:
+                target = target["tensors"][data.draw(st.sampled_from(sorted(target["tensors"])))]
+                key = data.draw(st.sampled_from(["dtype", "shape"]))
+        if not isinstance(target, dict):
+            continue
+        if data.draw(st.integers(0, 5)) == 0:
+            target.pop(key, None)
+        else:
+            target[key] = data.draw(MANIFEST_VALUES)
+        if not isinstance(raw.get("tables"), list):
+            break
+    with scratch() as tmp:
+        shutil.copytree(artifact, tmp / "art")
+        (tmp / "art" / "manifest.json").write_text(json.dumps(raw))
+        try:
+            serving = MECInferenceEmbeddingBagCollection.load(tmp / "art")
+        except ArtifactError as e:
+            assert str(tmp / "art") in str(e), str(e)
+            return
+    keys = [f for t in serving.embedding_bag_configs() for f in t.feature_names]
+    kjt = KeyedJaggedTensor(keys=keys, values=torch.zeros(len(keys), dtype=torch.int64),
+                            lengths=torch.ones(len(keys), dtype=torch.int64))  # fmt: skip
+    assert serving(kjt).values().shape[0] == 1
 
 
 # -- id remap --------------------------------------------------------------------------------

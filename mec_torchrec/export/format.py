@@ -51,7 +51,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def dtype_from_name(name: str) -> torch.dtype:
     """``"uint8"`` -> ``torch.uint8``; raises ArtifactError for names outside the format."""
-    if name not in _DTYPES:
+    if not isinstance(name, str) or name not in _DTYPES:
         raise ArtifactError(f"unknown dtype {name!r} (known: {sorted(_DTYPES)})")
     return _DTYPES[name]
 
@@ -181,13 +181,13 @@ class Manifest:
              self.unknown_id_policy, "'error' or 'reserved'")  # fmt: skip
         need(isinstance(self.tables, list) and len(self.tables) > 0, "tables", self.tables,
              "a non-empty list")  # fmt: skip
+        for t in self.tables:
+            _check_table(t, f"table {t.name!r}", need)
         names = [t.name for t in self.tables]
-        features = [f for t in self.tables for f in (t.feature_names or [])]
+        features = [f for t in self.tables for f in t.feature_names]
         need(len(set(names)) == len(names), "the list of table names", names, "unique names")
         need(len(set(features)) == len(features), "the list of feature names", features,
              "unique names")  # fmt: skip
-        for t in self.tables:
-            _check_table(t, f"table {t.name!r}", need)
 
     def total_bytes(self) -> int:
         """Sum of the blobs' sizes on disk (what serving maps)."""
@@ -219,7 +219,8 @@ def _check_table(t: TableEntry, table: str, need) -> None:
          "64 hex digits")  # fmt: skip
     need(isinstance(t.tensors, dict), f"{table} tensors", t.tensors, "a mapping")
     for name, entry in t.tensors.items():
-        need(entry.dtype in _DTYPES, f"{table} tensor {name!r} dtype", entry.dtype,
+        need(isinstance(entry.dtype, str) and entry.dtype in _DTYPES,
+             f"{table} tensor {name!r} dtype", entry.dtype,
              f"one of {sorted(_DTYPES)}")  # fmt: skip
         need(isinstance(entry.shape, list) and all(_is_int(n, 0) for n in entry.shape),
              f"{table} tensor {name!r} shape", entry.shape, "a list of ints >= 0")  # fmt: skip
