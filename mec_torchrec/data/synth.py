@@ -206,8 +206,12 @@ def synthesize(out: str | Path, *, rows: int = 1_000_000, scale: float = 0.01, s
     ``out/dataset.yaml`` and ``out/synth.json``; the same arguments give the same files."""
     if rows < 10:
         raise ValueError(f"--rows must be at least 10, got {rows}")
-    if scale <= 0:
-        raise ValueError(f"--scale must be positive, got {scale}")
+    if not 0 < scale < float("inf"):  # NaN fails too
+        raise ValueError(f"--scale must be positive and finite, got {scale}")
+    if multi_valued < 0:
+        raise ValueError(f"--multi-valued must be >= 0, got {multi_valued}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "synth.json").is_file():
         raise ValueError(f"{out} exists and is not the output of `mec data synth`; "
