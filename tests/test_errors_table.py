@@ -438,8 +438,6 @@ CASES = [
          ExitStatus, "argument --stage: invalid choice: 'quantize'"),
     Case("dlrm-main-bad-data", lambda t: dlrm_main(t, labels=[0, 1, 3, 1]),
          ExitStatus, "t.parquet row 2, column 'y': label 3.0 is not 0 or 1"),
-    Case("dlrm-main-stage-before-its-inputs", lambda t: dlrm_main(t, "--stage", "train"),
-         ExitStatus, "--stage train needs"),
 ]
 # fmt: on
 
