@@ -416,12 +416,13 @@ def test_any_yaml_text_is_a_spec_or_a_clear_error(text: str) -> None:
 # -- CompressedTable files -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def saved_table() -> Iterator[tuple[CompressedTable, bytes]]:
+@pytest.fixture(scope="module", params=[16, 300], ids=["uint8 codes", "int16 codes"])
+def saved_table(request: pytest.FixtureRequest) -> Iterator[tuple[CompressedTable, bytes]]:
     g = torch.Generator().manual_seed(0)
+    k = request.param
     table = CompressedTable(
-        torch.randint(0, 16, (40, 4), generator=g, dtype=torch.int64),
-        torch.randn(4, 16, 2, generator=g),
+        torch.randint(0, k, (40, 4), generator=g, dtype=torch.int64),
+        torch.randn(4, k, 2, generator=g),
         {"mse": 0.25, "perplexity": [3.5, 4.0]},
     )
     with scratch() as tmp:
