@@ -233,3 +233,23 @@ def test_first_out_of_range_finds_the_first_bad_id(dtype: torch.dtype) -> None:
         broken[position] = bad
         broken[-1] = 9 if position < 7 else broken[-1]  # a later bad id does not win
         assert fused.first_out_of_range(broken, [2, 3, 3], sizes) == position
+
+
+def test_several_chunks_and_threads_equal_tbe_path() -> None:
+    # B = 1100: three 512-sample chunks in the forward, split over 2 threads; the backward
+    # splits its feature groups over the threads.
+    tables = _specialised_tables(PoolingType.SUM)
+    fused_mec, tbe_mec = _pair(tables, SPECIALISED, weighted=True)
+    kjt = random_kjt(tables, 1100, True, torch.Generator().manual_seed(7))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out_f, out_t = fused_mec(kjt).values(), tbe_mec(kjt).values()
+        grad = torch.randn_like(out_t)
+        (out_f * grad).sum().backward()
+        (out_t * grad).sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out_f, out_t, atol=1e-5, rtol=1e-5)
+    for (name, p), (_, q) in zip(fused_mec.named_parameters(), tbe_mec.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5, msg=name)
