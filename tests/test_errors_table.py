@@ -206,6 +206,12 @@ def state_dict_with_codes(codes: torch.Tensor) -> Callable[[], object]:
     return lambda: module.load_state_dict(state)
 
 
+def saved_state_dict(tmp: Path) -> str:
+    """A torch.save'd state dict of a MEC collection (tables t_a.. serving features a..)."""
+    torch.save(make_mec().state_dict(), tmp / "state.pt")
+    return str(tmp / "state.pt")
+
+
 def export_with_nan(tmp: Path, table: str) -> Callable[[], object]:
     """The action: ``export_model`` of a MEC collection (t_a compressed, t_b full) whose
     ``table`` (an inner EBC table) holds a NaN, as after training diverged."""
@@ -420,6 +426,10 @@ CASES = [
          lambda t: command(mec_main, ["export", "--checkpoint", junk(t, "c.pt"), "--out",
                                       str(t / "o")]),
          ExitStatus, "c.pt: not a readable torch.save file"),
+    Case("mec-export-feature-twice",
+         lambda t: command(mec_main, ["export", "--checkpoint", saved_state_dict(t), "--out",
+                                      str(t / "o"), "--features", '{"t_a": ["b"]}']),
+         ExitStatus, "mec export: error: features ['b'] are served by several tables"),
     Case("mec-inspect-not-an-artifact", lambda t: command(mec_main, ["inspect", str(t)]),
          ExitStatus, "no manifest.json (not an artifact, or an interrupted export)"),
     Case("mec-synth-too-few-rows",

@@ -209,7 +209,9 @@ def resolve(
 
     Raises:
         ValueError: naming the table, for codebooks or full-table weights with NaN or inf (a
-            model trained into divergence is refused, not served).
+            model trained into divergence is refused, not served); ``feature_names`` or
+            ``pooling`` for tables that are not exported; a table serving no feature, or a
+            feature served by several tables (the artifact could not be served).
     """
     if isinstance(source, nn.Module):
         tables = from_module(find_mec_module(source))
@@ -220,4 +222,16 @@ def resolve(
     for name, weight in tables.full.items():
         if not bool(torch.isfinite(weight).all()):
             raise ValueError(f"table {name!r}: weights contain NaN or inf")
+    names = [c.name for c in tables.configs]
+    for option, given in (("feature_names", feature_names), ("pooling", pooling)):
+        unknown = sorted(set(given or {}) - set(names))
+        if unknown and not isinstance(source, nn.Module):
+            raise ValueError(f"{option} names tables {unknown} that are not exported ({names})")
+    empty = [c.name for c in tables.configs if not c.feature_names]
+    if empty:
+        raise ValueError(f"tables {empty} serve no feature")
+    features = [f for c in tables.configs for f in c.feature_names]
+    repeated = sorted({f for f in features if features.count(f) > 1})
+    if repeated:
+        raise ValueError(f"features {repeated} are served by several tables")
     return tables
