@@ -167,19 +167,34 @@ def flip_last_byte(data: bytes) -> bytes:
 
 
 def kjt(keys: list[str], values: list, lengths: list[int], weights: list | None = None) -> Callable:
-    """The action: a MEC collection (t_a compressed, N = 10; t_b full, N = 5) called on a KJT."""
+    """The action: a MEC collection (t_a compressed, N = 10; t_b full, N = 5) called on a KJT,
+    with the fused kernel and with the TBE path."""
     tables = [
         EmbeddingBagConfig(name="t_a", embedding_dim=8, num_embeddings=10, feature_names=["a"]),
         EmbeddingBagConfig(name="t_b", embedding_dim=4, num_embeddings=5, feature_names=["b"]),
     ]
-    module = MECEmbeddingBagCollection(tables, {"t_a": MECTableConfig(2, 4)})
+    modules = [
+        MECEmbeddingBagCollection(tables, {"t_a": MECTableConfig(2, 4)}, kernel=kernel)
+        for kernel in ("fused", "tbe")
+    ]
     features = KeyedJaggedTensor(
         keys=keys,
         values=torch.tensor(values),
         lengths=torch.tensor(lengths),
         weights=None if weights is None else torch.tensor(weights),
     )
-    return lambda: module(features)
+
+    def run() -> None:  # both kernels must refuse it with the same message
+        errors = []
+        for module in modules:
+            try:
+                module(features)
+            except ValueError as e:
+                errors.append(str(e))
+        assert len(errors) == len(modules) and len(set(errors)) == 1, errors
+        raise ValueError(errors[0])
+
+    return run
 
 
 def serving(tmp: Path, values: list, lengths: list[int]) -> Callable[[], object]:
