@@ -1,12 +1,13 @@
 // Fused MEC pooled lookup on CPU: reads codes[id, l] inside the pooling loop, so the L-fold
 // code ids of the remap path never exist in memory.
 //
-// Both passes go feature by feature (one feature's codebooks, ids and offsets stay hot in cache)
-// and run a kernel specialised at compile time for the feature's code type, L and D / L: a bag's
-// pooled row is summed in vector registers and stored once (forward), and a bag's output gradient
-// is loaded into registers once and added to the L codebook rows of each id (backward). Other
-// shapes take a generic loop. Forward is parallel over samples; backward over groups of features
-// that share inner tables (no two tasks write one gradient, no per-thread buffers).
+// Both passes go feature by feature over chunks of samples (one feature's codebooks, ids and
+// offsets stay hot in cache) and run a kernel specialised at compile time for the feature's code
+// type, L and D / L: a bag's pooled row is summed in vector registers and stored once, bypassing
+// the caches (forward), and a bag's output gradient is loaded into registers once and added to
+// the L codebook rows of each id (backward). Code, codebook and gradient rows are prefetched.
+// Other shapes take a generic loop. Forward is parallel over samples; backward over groups of
+// features that share inner tables (no two tasks write one gradient, no per-thread buffers).
 //
 // Plan (per outer feature f, in outer order; lookup features j in lookup order):
 //   feat_start[F+1]: f's lookup features are [feat_start[f], feat_start[f+1])
@@ -74,7 +75,7 @@ __attribute__((always_inline)) inline void stream(float* p, V v) {
 
 constexpr int kPrefetch = 32;      // ids ahead whose code row (or full-table row) is prefetched
 constexpr int kPrefetchNear = 12;  // ids ahead whose codebook rows are prefetched
-constexpr int kPrefetchRows = 8;  // samples ahead whose output gradient is prefetched
+constexpr int kPrefetchRows = 8;   // samples ahead whose output gradient is prefetched
 // Samples per pass over the features: their output rows (a page or more each) stay within the
 // TLB's reach, and each feature's codebooks serve hundreds of bags per visit.
 constexpr int64_t kChunk = 512;
