@@ -267,7 +267,9 @@ class MECEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             layout.feature_tables,
             self._unknown_id_policy,
         )
-        weights = ordered.weights() if self._is_weighted else None
+        weights = ordered.weights_or_none() if self._is_weighted else None
+        if self._is_weighted and weights is None:
+            raise ValueError("input KeyedJaggedTensor has no weights, but is_weighted=True")
         return values, ordered.lengths(), weights, ordered.stride(), length_per_key
 
     def _remap_tensors(
