@@ -166,7 +166,13 @@ def flip_last_byte(data: bytes) -> bytes:
     return data[:-1] + bytes([data[-1] ^ 0x01])
 
 
-def kjt(keys: list[str], values: list, lengths: list[int], weights: list | None = None) -> Callable:
+def kjt(
+    keys: list[str],
+    values: list,
+    lengths: list[int],
+    weights: list | None = None,
+    is_weighted: bool = False,
+) -> Callable:
     """The action: a MEC collection (t_a compressed, N = 10; t_b full, N = 5) called on a KJT,
     with the fused kernel and with the TBE path."""
     tables = [
@@ -174,7 +180,9 @@ def kjt(keys: list[str], values: list, lengths: list[int], weights: list | None 
         EmbeddingBagConfig(name="t_b", embedding_dim=4, num_embeddings=5, feature_names=["b"]),
     ]
     modules = [
-        MECEmbeddingBagCollection(tables, {"t_a": MECTableConfig(2, 4)}, kernel=kernel)
+        MECEmbeddingBagCollection(
+            tables, {"t_a": MECTableConfig(2, 4)}, kernel=kernel, is_weighted=is_weighted
+        )
         for kernel in ("fused", "tbe")
     ]
     features = KeyedJaggedTensor(
@@ -418,6 +426,9 @@ CASES = [
     Case("state-dict-codes-out-of-range",
          lambda t: state_dict_with_codes(torch.full((10, 2), 200, dtype=torch.uint8)),
          ValueError, "table 't_a': loaded codes out of range [0, 4): min 200, max 200"),
+    Case("kjt-no-weights-for-a-weighted-collection",
+         lambda t: kjt(["a", "b"], [1, 2], [1, 1], is_weighted=True),
+         ValueError, "input KeyedJaggedTensor has no weights, but is_weighted=True"),
     # KJTs into the serving module
     Case("serving-kjt-lengths-do-not-sum-to-ids",
          lambda t: serving(t, [1, 2, 3, 4, 5, 6, 7], [1, 1, 1, 1, 1]),
