@@ -205,11 +205,14 @@ def kjt(
     return run
 
 
-def serving(tmp: Path, values: list, lengths: list[int]) -> Callable[[], object]:
-    """The action: the serving module of an exported artifact (features a..e) on a KJT."""
-    export_model(make_mec(), tmp / "art", "fp32")
+def serving(
+    tmp: Path, values: list, lengths: list[int], weighted: bool = False
+) -> Callable[[], object]:
+    """The action: the serving module of an exported artifact on a KJT (features a..e, or the
+    SUM-pooled two of the weighted model)."""
+    export_model(make_mec(weighted=weighted), tmp / "art", "fp32")
     module = MECInferenceEmbeddingBagCollection.load(tmp / "art")
-    keys = ["a", "b", "c", "d", "e"]
+    keys = [f for t in module.embedding_bag_configs() for f in t.feature_names]
     features = KeyedJaggedTensor(
         keys=keys,
         values=torch.tensor(values) if values else torch.zeros(0, dtype=torch.int64),
@@ -440,6 +443,9 @@ CASES = [
          ValueError, "ids must be integers, got torch.float32"),
     Case("serving-kjt-empty-batch", lambda t: serving(t, [], []),
          ValueError, "input KeyedJaggedTensor: a batch of 0 samples"),
+    Case("serving-kjt-no-weights-for-a-weighted-artifact",
+         lambda t: serving(t, [1, 2], [1, 1], weighted=True),
+         ValueError, "input KeyedJaggedTensor has no weights, but is_weighted=True"),
     # commands
     Case("mec-export-features-not-json",
          lambda t: command(mec_main, ["export", "--checkpoint", str(t), "--out", str(t / "o"),

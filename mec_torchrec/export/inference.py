@@ -208,7 +208,7 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
         values = ops.check_ids(
             ordered.values(), lengths, self.feature_sizes, self._names, self._reserved
         )
-        weights = ordered.weights_or_none() if self._is_weighted else None
+        weights = ops.required_weights(ordered) if self._is_weighted else None
         if self._fused:
             pooled = fused_lookup.fused_pooled_lookup(
                 values,

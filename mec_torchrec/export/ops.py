@@ -112,6 +112,20 @@ def _check_jagged(values: torch.Tensor, lengths: torch.Tensor, num_features: int
 
 
 @torch.fx.wrap
+def required_weights(features: KeyedJaggedTensor) -> torch.Tensor:
+    """The per-id weights of a weighted module's input (without them it would serve all-ones
+    weights, silently).
+
+    Raises:
+        ValueError: ``features`` carries no weights.
+    """
+    weights = features.weights_or_none()
+    if weights is None:
+        raise ValueError("input KeyedJaggedTensor has no weights, but is_weighted=True")
+    return weights
+
+
+@torch.fx.wrap
 def in_feature_order(features: KeyedJaggedTensor, order: list[str]) -> KeyedJaggedTensor:
     """``features`` with its keys permuted into ``order`` (as is when already so).
 
