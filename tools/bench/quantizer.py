@@ -6,6 +6,9 @@ PWR vs without it (rows drawn in proportion to their counts, and uniformly); fit
 rows/s for N = 1e4 .. 1e7 (D = 64, L = 4 and 8, K = 256).
 
     .venv/bin/python tools/bench/quantizer.py [--quick] [--max-rows N] [--json out.json]
+        [--model out/demo]   # also on the tables a DLRM job pretrained (its train-split counts)
+
+"traffic" is the MSE with each row weighted by its count: the error the model's requests see.
 """
 
 import argparse
@@ -17,7 +20,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # mec_torchrec, apps
 from mec_torchrec.quantize import MECQuantizer, PQQuantizer
 
 
@@ -56,9 +59,19 @@ def summary(table_stats: dict) -> dict:
     }
 
 
-def quality(num_rows: int, num_subspaces: int, k: int, epochs: int, seed: int) -> dict:
-    weight, counts = make_table(num_rows, 64, seed)
-    out = {"pq": summary(PQQuantizer(num_subspaces, k, seed=seed).fit(weight, counts).stats)}
+def traffic_mse(table, weight: torch.Tensor, counts: torch.Tensor) -> float:
+    """Reconstruction MSE with each row weighted by its count: the error requests see."""
+    err = (table.decode() - weight).square().mean(1).double()
+    c = counts.double().clamp_min(0)
+    return float((err * c).sum() / c.sum().clamp_min(1))
+
+
+def quality_of(
+    weight: torch.Tensor, counts: torch.Tensor, num_subspaces: int, k: int, epochs: int, seed: int
+) -> dict:
+    """PQ and the MEC variants on one table: MSE (plain and count-weighted), head/tail, usage."""
+    pq = PQQuantizer(num_subspaces, k, seed=seed).fit(weight, counts)
+    out = {"pq": summary(pq.stats) | {"traffic_mse": traffic_mse(pq, weight, counts)}}
     variants = (
         ("mec", {}),
         ("mec_no_polish", {"polish_iters": 0}),
@@ -66,24 +79,52 @@ def quality(num_rows: int, num_subspaces: int, k: int, epochs: int, seed: int) -
         ("mec_count", {"use_pwr": False, "no_pwr_sampling": "count"}),
     )
     for name, kw in variants:
-        q = MECQuantizer(num_subspaces, k, epochs=epochs, seed=seed, sample_size=num_rows, **kw)
-        out[name] = summary(q.fit(weight, counts).stats)
+        q = MECQuantizer(
+            num_subspaces, k, epochs=epochs, seed=seed, sample_size=weight.shape[0], **kw
+        )
+        table = q.fit(weight, counts)
+        out[name] = summary(table.stats) | {"traffic_mse": traffic_mse(table, weight, counts)}
         out[name]["best_epoch"] = q.history and min(q.history, key=lambda h: h["heldout"])["epoch"]
     return out
 
 
-def print_quality(num_rows: int, num_subspaces: int, k: int, res: dict) -> None:
+def quality(num_rows: int, num_subspaces: int, k: int, epochs: int, seed: int) -> dict:
+    weight, counts = make_table(num_rows, 64, seed)
+    return quality_of(weight, counts, num_subspaces, k, epochs, seed)
+
+
+def model_tables(out: str):
+    """(name, weight, train-split counts) of the tables a finished DLRM job compressed."""
+    from pathlib import Path
+
+    from apps.dlrm import checkpoint
+    from apps.dlrm.main import table_key
+    from apps.dlrm.spec import load_job_spec
+    from mec_torchrec.data import ProcessedDataset
+
+    out_dir = Path(out)
+    spec = load_job_spec(out_dir / "spec.json")
+    ds = ProcessedDataset(Path(spec.data_dir) if spec.data_dir else out_dir / "data")
+    for path in sorted((out_dir / "compress").glob("t_*.safetensors")):
+        name = path.stem
+        feature = name[len("t_") :]
+        weight = torch.empty(ds.num_embeddings[feature], spec.model.embedding_dim)
+        checkpoint.load_local(out_dir / "pretrain" / "best", {"model": {table_key(name): weight}})
+        yield name, weight, ds.counts(feature)
+
+
+def print_quality(title: str, num_subspaces: int, k: int, res: dict) -> None:
     pq, mec, nopwr, count = res["pq"], res["mec"], res["mec_no_pwr"], res["mec_count"]
-    print(f"\n== quality: N={num_rows:,} D=64 L={num_subspaces} K={k} ==")
+    print(f"\n== quality: {title} L={num_subspaces} K={k} ==")
     print(
-        f"{'method':<12}{'mse':>9}{'head':>9}{'tail':>9}{'ppl mean':>10}{'ppl min':>9}"
-        f"{'dead':>6}{'fit s':>8}{'best ep':>8}"
+        f"{'method':<14}{'mse':>9}{'traffic':>9}{'head':>9}{'tail':>9}{'ppl mean':>10}"
+        f"{'ppl min':>9}{'dead':>6}{'fit s':>8}{'best ep':>8}"
     )
     for name, r in res.items():
         print(
-            f"{name:<12}{r['mse']:>9.4f}{r['head_mse']:>9.4f}{r['tail_mse']:>9.4f}"
-            f"{r['ppl_mean']:>10.1f}{r['ppl_min']:>9.1f}{r['dead']:>6}{r['fit_s']:>8.1f}"
-            f"{r.get('best_epoch', '-'):>8}"
+            f"{name:<14}{r['mse']:>9.4f}{r['traffic_mse']:>9.4f}{r['head_mse']:>9.4f}"
+            f"{r['tail_mse']:>9.4f}{r['ppl_mean']:>10.1f}{r['ppl_min']:>9.1f}{r['dead']:>6}"
+            f"{r['fit_s']:>8.1f}{r.get('best_epoch', '-'):>8}"
         )
     print(
         f"MEC/PQ mse ratio {mec['mse'] / pq['mse']:.4f} (target <= 1)   "
@@ -130,6 +171,11 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=None, help="scaling N values")
     ap.add_argument("--subspaces", type=int, nargs="*", default=[4, 8], help="L values")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="a finished apps.dlrm.main output folder: also compare on its pretrained tables",
+    )
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write all figures to this file")
@@ -147,7 +193,14 @@ def main() -> None:
         for num_subspaces in args.subspaces:
             res = quality(quality_rows, num_subspaces, k, epochs, args.seed)
             results["quality"][f"L{num_subspaces}"] = res
-            print_quality(quality_rows, num_subspaces, k, res)
+            print_quality(f"N={quality_rows:,} D=64", num_subspaces, k, res)
+    if args.model:
+        for name, weight, counts in model_tables(args.model):
+            for num_subspaces in args.subspaces:
+                res = quality_of(weight, counts, num_subspaces, k, epochs, args.seed)
+                results["quality"][f"{name}_L{num_subspaces}"] = res
+                title = f"{args.model} {name} N={weight.shape[0]:,} D={weight.shape[1]}"
+                print_quality(title, num_subspaces, k, res)
     if not args.skip_scaling:
         print(
             f"\n== scaling: D=64 K={k}, fit on min(N, 1M) PWR pool, "
