@@ -32,14 +32,15 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault(option, {})[seed] = row
     labels = dict(ROWS)
     kinds = {"mec": "MEC", "pq": "plain PQ", "mec-no-pwr": "MEC without PWR",
-             "mec-no-contrastive": "MEC without contrastive"}
+             "mec-no-contrastive": "MEC without contrastive",
+             "mec-count": "MEC, count sampling (demo setting)"}
     for key in groups:
         if key not in labels:
             method, *rest = key.split("/")
             kind, size = method.split("-L")
             labels[key] = f"{kinds[kind]} L{size.replace('-K', ' K')}" + (
                 ", no retrain" if rest else ", retrained")
-    rank = {k: i for i, k in enumerate([*dict(ROWS), "mec", "pq", "mec-no-pwr",
+    rank = {k: i for i, k in enumerate([*dict(ROWS), "mec", "mec-count", "pq", "mec-no-pwr",
                                         "mec-no-contrastive"])}
 
     def order(key: str) -> tuple:
@@ -81,14 +82,16 @@ def markdown(lines: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def goals(results: dict[str, dict[str, Any]]) -> str:
-    """Full MEC (retrained) against each rival: AUC difference paired by seed, and bytes."""
-    mec = f"mec-L{MAIN[0]}-K{MAIN[1]}"
-    out = ["| full MEC vs | seeds | Δ AUC (mean) | per seed | bytes: rival / MEC |",
+def goals(results: dict[str, dict[str, Any]], mec: str = f"mec-L{MAIN[0]}-K{MAIN[1]}") -> str:
+    """MEC ``mec`` (retrained) against each rival: AUC difference paired by seed, and bytes."""
+    out = [f"| {mec} vs | seeds | Δ AUC (mean) | per seed | bytes: rival / MEC |",
            "|---|---|---|---|---|"]
+    main = f"mec-L{MAIN[0]}-K{MAIN[1]}"
     for rival in ("fp32", "fp32-retrained", "int4", "int2", "hashing", "qr",
                   f"pq-L{MAIN[0]}-K{MAIN[1]}", f"mec-no-pwr-L{MAIN[0]}-K{MAIN[1]}",
-                  f"mec-no-contrastive-L{MAIN[0]}-K{MAIN[1]}", f"{mec}/no-retrain"):
+                  f"mec-no-contrastive-L{MAIN[0]}-K{MAIN[1]}", main, f"{mec}/no-retrain"):
+        if rival == mec:
+            continue
         pairs = [(results[k], results[f"{rival}/s{k.rsplit('/s', 1)[1]}"]) for k in results
                  if k.startswith(f"{mec}/s") and f"{rival}/s{k.rsplit('/s', 1)[1]}" in results]
         if pairs:
@@ -132,6 +135,7 @@ def plot(results: dict[str, dict[str, Any]], seed: int, path: Path) -> None:
     series(["qr"], "D", "quotient-remainder (same bytes)")
     series([f"pq-L{MAIN[0]}-K{MAIN[1]}"], "x", "plain PQ L4 K256, retrained")
     series([f"mec-no-pwr-L{MAIN[0]}-K{MAIN[1]}"], "+", "MEC without PWR, retrained")
+    series([f"mec-count-L{MAIN[0]}-K{MAIN[1]}"], "*", "MEC, count sampling, retrained")
     ax.set_xscale("log")
     ax.set_xlabel("embedding bytes as stored (log)")
     ax.set_ylabel(f"test AUC (seed {seed})")
