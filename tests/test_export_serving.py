@@ -26,6 +26,7 @@ from mec_torchrec.export import (
     script_model,
 )
 from mec_torchrec.export.quant import from_mec_module
+from mec_torchrec.modules import MECEmbeddingBagCollection
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,3 +135,54 @@ def test_conversion_reads_an_inner_ebc_torchrec_already_quantized() -> None:
     ref = reference(kjt).values()
     torch.testing.assert_close(converted(kjt).values(), ref,
                                atol=1e-3 * float(ref.abs().max()), rtol=0)
+
+
+def _spy(kernel, calls: list[bool]):
+    def spy(values: torch.Tensor, weight: torch.Tensor):
+        calls.append(True)
+        return kernel(values, weight)
+
+    return spy
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+@pytest.mark.parametrize("codebook_size", [16, 300], ids=["uint8", "int16"])
+def test_compiled_one_id_lookup_equals_the_aten_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weighted: bool, codebook_size: int
+) -> None:
+    """Eager one-id-per-bag requests take the compiled kernel; it must match the ATen ops
+    (what TorchScript runs) bit for bit, for uint8 and int16 codes, with and without weights."""
+    from test_export import COMPRESSION
+
+    from mec_torchrec.export import fused as fused_lookup
+    from mec_torchrec.modules import MECTableConfig
+
+    compression = {**COMPRESSION, "t_a": MECTableConfig(4, codebook_size)}
+    if weighted:
+        mec = make_mec(weighted=True)
+    else:
+        torch.manual_seed(0)
+        mec = MECEmbeddingBagCollection(tables(), compression)
+    export_model(mec, tmp_path / "art")
+    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+    assert serving.fused and fused_lookup.cpu_kernel(torch.zeros(1), serving.fused_weight)
+    configs = serving.embedding_bag_configs()
+    keys = [f for t in configs for f in t.feature_names]
+    g = torch.Generator().manual_seed(7)
+    for batch in (1, 5, 130):
+        values = torch.cat([torch.randint(0, t.num_embeddings, (batch,), generator=g)
+                            for t in configs for _ in t.feature_names])
+        kjt = KeyedJaggedTensor(keys=keys, values=values,
+                                lengths=torch.ones(len(keys) * batch, dtype=torch.int64),
+                                weights=torch.rand(values.numel(), generator=g) if weighted
+                                else None)
+        calls: list[bool] = []
+        with monkeypatch.context() as m:
+            m.setattr(fused_lookup, "cpu_kernel", _spy(fused_lookup.cpu_kernel, calls))
+            compiled = serving(kjt).values()
+        assert calls  # the compiled path served it
+        with monkeypatch.context() as m:
+            m.setattr(fused_lookup, "cpu_kernel", lambda values, weight: None)
+            reference = serving(kjt).values()
+        torch.testing.assert_close(compiled, reference, atol=0, rtol=0)
+        torch.testing.assert_close(compiled, mec(kjt).values(), atol=1e-5, rtol=1e-5)

@@ -165,7 +165,15 @@ def _one_hot_lookup(
     feature_plan: torch.Tensor,
     num_slots: int,
 ) -> torch.Tensor:
-    """``fused_pooled_lookup`` when every bag holds one id (MEAN = SUM then)."""
+    """``fused_pooled_lookup`` when every bag holds one id (MEAN = SUM then).
+
+    Eager on CPU, one call of the compiled kernel when it is available (``cpu_kernel``); the ATen
+    ops below otherwise, and always under TorchScript.
+    """
+    if not torch.jit.is_scripting():  # TorchScript skips this block (only when written so)
+        kernel = cpu_kernel(values, weight)
+        if kernel is not None:
+            return kernel.serve_one_hot(values, codes, weight, feature_plan, stride, weights)
     num_features = feature_plan.shape[0]
     ids = torch.empty(stride, num_features, dtype=values.dtype, device=values.device)
     ids.copy_(values.view(num_features, stride).t())  # (sample, feature) order
@@ -181,6 +189,17 @@ def _one_hot_lookup(
         per_id.copy_(weights.float().view(num_features, stride).t())
         out = out * per_id.unsqueeze(2)
     return out.view(stride, num_features * num_slots * dim)
+
+
+def cpu_kernel(values: torch.Tensor, weight: torch.Tensor):
+    """The compiled lookup extension (``mec_torchrec.modules.fused``) for CPU float tensors, or
+    None (not built, other device or dtype): the ATen path serves then."""
+    if values.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    from mec_torchrec.modules.fused import extension
+
+    ext = extension()
+    return ext if ext is not None and hasattr(ext, "serve_one_hot") else None
 
 
 def _transposed_arange(rows: int, cols: int, device: torch.device) -> torch.Tensor:

@@ -102,6 +102,8 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
             self._has_mean = any(self._table_is_mean)
             for name in ("weight", "codes", "feature_plan", "feature_is_mean"):
                 self.register_buffer(f"fused_{name}", getattr(plan, name))
+            # Build or load the compiled one-id-per-bag lookup now, not on the first request.
+            fused_lookup.cpu_kernel(plan.feature_plan, plan.weight)
         else:
             self.codes = nn.Module()
             self.codebooks = nn.Module()

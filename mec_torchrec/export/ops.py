@@ -89,10 +89,25 @@ def check_ids(
             "input KeyedJaggedTensor: lengths sum to " + str(int(per_feature.sum()))
             + " but there are " + str(values.shape[0]) + " ids"
         )  # fmt: skip
+    if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript skips this block only as is)
+        if _first_bad_id(values, per_feature, feature_sizes) == -1:
+            return values  # checked in one C++ pass (eager, CPU, the lookup extension loaded)
     bounds = torch.repeat_interleave(feature_sizes, per_feature, output_size=values.shape[0])
     if bool(((values < 0) | (values >= bounds)).any()):
         return torch.ops.mec_torchrec.checked_ids(values, lengths, feature_sizes, names, reserved)
     return values
+
+
+def _first_bad_id(
+    values: torch.Tensor, per_feature: torch.Tensor, feature_sizes: torch.Tensor
+) -> int | None:
+    """The compiled bounds check (``mec_torchrec.modules.fused.first_out_of_range``): -1 when
+    every id is in range, else its position; None when the extension is not loaded."""
+    from mec_torchrec.modules.fused import first_out_of_range
+
+    if values.device.type != "cpu":
+        return None
+    return first_out_of_range(values, per_feature.tolist(), tuple(feature_sizes.tolist()))
 
 
 def _check_jagged(values: torch.Tensor, lengths: torch.Tensor, num_features: int) -> None:

@@ -598,10 +598,95 @@ int64_t first_out_of_range(const torch::Tensor& values, const std::vector<int64_
   return first_out_of_range_of(v.data_ptr<int64_t>(), length_per_key, sizes);
 }
 
+// Serving, one id per bag (mec_torchrec/export/fused.py, the stacked artifact layout): for sample
+// b and feature f with id v = values[f * B + b], slot l of the output row is the weight row
+// plan[f][l] + codes[plan[f][L] + v][l] for a compressed feature, plan[f][l] + v * L for a full
+// one (plan[f][L + 1] says which); times per_id[f * B + b] when given. The ids were checked.
+// Two passes: the code rows (random reads of a large table) are gathered first, in id order with
+// prefetching, into weight-row indices; then each sample's output row is written once.
+template <typename C>
+void serve_one_hot_of(const int64_t* ids, const C* codes, const float* weight, const int64_t* plan,
+                      const float* per_id, int64_t F, int64_t B, int64_t L, int64_t d, float* out) {
+  constexpr int64_t kAhead = 16;
+  const int64_t n = F * B;
+  std::vector<int64_t> rows(n * L);
+  at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (i + kAhead < i1) {
+        const int64_t* q = plan + ((i + kAhead) / B) * (L + 2);
+        if (q[L + 1] != 0) __builtin_prefetch(codes + (q[L] + ids[i + kAhead]) * L);
+      }
+      const int64_t* p = plan + (i / B) * (L + 2);
+      const int64_t v = ids[i];
+      int64_t* r = rows.data() + i * L;
+      if (p[L + 1] != 0) {
+        const C* code = codes + (p[L] + v) * L;
+        for (int64_t l = 0; l < L; ++l) r[l] = p[l] + static_cast<int64_t>(code[l]);
+      } else {
+        for (int64_t l = 0; l < L; ++l) r[l] = p[l] + v * L;
+      }
+    }
+  });
+  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* dst = out + b * F * L * d;
+      for (int64_t f = 0; f < F; ++f) {
+        const int64_t* r = rows.data() + (f * B + b) * L;
+        const float scale = per_id ? per_id[f * B + b] : 1.f;
+        for (int64_t l = 0; l < L; ++l, dst += d) {
+          const float* src = weight + r[l] * d;
+          if (per_id) {
+            for (int64_t k = 0; k < d; ++k) dst[k] = src[k] * scale;
+          } else {
+            std::copy(src, src + d, dst);
+          }
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor serve_one_hot(const torch::Tensor& values, const torch::Tensor& codes,
+                            const torch::Tensor& weight, const torch::Tensor& feature_plan,
+                            int64_t stride, const c10::optional<torch::Tensor>& per_id) {
+  TORCH_CHECK(values.device().is_cpu() && codes.device().is_cpu() && weight.device().is_cpu(),
+              "serve_one_hot: CPU tensors");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 2, "weight: float [R, d]");
+  const int64_t F = feature_plan.size(0), L = feature_plan.size(1) - 2, d = weight.size(1);
+  TORCH_CHECK(codes.dim() == 2 && codes.size(1) == L, "codes: [rows, L]");
+  TORCH_CHECK(values.numel() == F * stride, "one id per (feature, sample)");
+  const auto ids = values.to(at::kLong).contiguous();
+  const auto plan = feature_plan.to(at::kLong).contiguous();
+  const auto c = codes.contiguous();
+  const auto w = weight.contiguous();
+  torch::Tensor psw;
+  if (per_id) psw = per_id->to(at::kFloat).contiguous();
+  auto out = torch::empty({stride, F * L * d}, weight.options());
+  const float* pw = per_id ? psw.data_ptr<float>() : nullptr;
+  switch (c.scalar_type()) {
+    case at::kByte:
+      serve_one_hot_of(ids.data_ptr<int64_t>(), c.data_ptr<uint8_t>(), w.data_ptr<float>(),
+                       plan.data_ptr<int64_t>(), pw, F, stride, L, d, out.data_ptr<float>());
+      break;
+    case at::kShort:
+      serve_one_hot_of(ids.data_ptr<int64_t>(), c.data_ptr<int16_t>(), w.data_ptr<float>(),
+                       plan.data_ptr<int64_t>(), pw, F, stride, L, d, out.data_ptr<float>());
+      break;
+    case at::kInt:
+      serve_one_hot_of(ids.data_ptr<int64_t>(), c.data_ptr<int32_t>(), w.data_ptr<float>(),
+                       plan.data_ptr<int64_t>(), pw, F, stride, L, d, out.data_ptr<float>());
+      break;
+    default:
+      TORCH_CHECK(false, "codes: uint8, int16 or int32, got ", c.scalar_type());
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused MEC pooled lookup (CPU)");
   m.def("backward", &backward, "gradients of the fused MEC pooled lookup (CPU)");
   m.def("first_out_of_range", &first_out_of_range, "first id outside its feature's table, or -1");
+  m.def("serve_one_hot", &serve_one_hot, "serving lookup of one id per bag (stacked artifact)");
 }
