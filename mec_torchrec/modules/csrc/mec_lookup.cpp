@@ -604,38 +604,22 @@ int64_t first_out_of_range(const torch::Tensor& values, const std::vector<int64_
 // one (plan[f][L + 1] says which); times per_id[f * B + b] when given. The ids were checked.
 // Two passes: the code rows (random reads of a large table) are gathered first, in id order with
 // prefetching, into weight-row indices; then each sample's output row is written once.
-template <typename C>
-void serve_one_hot_of(const int64_t* ids, const C* codes, const float* weight, const int64_t* plan,
-                      const float* per_id, int64_t F, int64_t B, int64_t L, int64_t d, float* out) {
-  constexpr int64_t kAhead = 16;
-  const int64_t n = F * B;
-  std::vector<int64_t> rows(n * L);
-  at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      if (i + kAhead < i1) {
-        const int64_t* q = plan + ((i + kAhead) / B) * (L + 2);
-        if (q[L + 1] != 0) __builtin_prefetch(codes + (q[L] + ids[i + kAhead]) * L);
-      }
-      const int64_t* p = plan + (i / B) * (L + 2);
-      const int64_t v = ids[i];
-      int64_t* r = rows.data() + i * L;
-      if (p[L + 1] != 0) {
-        const C* code = codes + (p[L] + v) * L;
-        for (int64_t l = 0; l < L; ++l) r[l] = p[l] + static_cast<int64_t>(code[l]);
-      } else {
-        for (int64_t l = 0; l < L; ++l) r[l] = p[l] + v * L;
-      }
-    }
-  });
+// Second pass of serve_one_hot: sample b's output row is its F * L weight rows (d floats each,
+// a compile-time D when nonzero), times the per-id weight when given.
+template <int D>
+void serve_rows(const int64_t* rows, const float* weight, const float* per_id, int64_t F,
+                int64_t B, int64_t L, int64_t d, float* out) {
   at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       float* dst = out + b * F * L * d;
       for (int64_t f = 0; f < F; ++f) {
-        const int64_t* r = rows.data() + (f * B + b) * L;
+        const int64_t* r = rows + (f * B + b) * L;
         const float scale = per_id ? per_id[f * B + b] : 1.f;
         for (int64_t l = 0; l < L; ++l, dst += d) {
           const float* src = weight + r[l] * d;
-          if (per_id) {
+          if (D > 0) {
+            __builtin_memcpy(dst, src, D * sizeof(float));
+          } else if (per_id) {
             for (int64_t k = 0; k < d; ++k) dst[k] = src[k] * scale;
           } else {
             std::copy(src, src + d, dst);
@@ -644,6 +628,45 @@ void serve_one_hot_of(const int64_t* ids, const C* codes, const float* weight, c
       }
     }
   });
+}
+
+template <typename C>
+void serve_one_hot_of(const int64_t* ids, const C* codes, const float* weight, const int64_t* plan,
+                      const float* per_id, int64_t F, int64_t B, int64_t L, int64_t d, float* out) {
+  constexpr int64_t kAhead = 48;
+  std::vector<int64_t> rows(F * B * L);
+  at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      const int64_t* p = plan + f * (L + 2);
+      const int64_t* v = ids + f * B;
+      int64_t* r = rows.data() + f * B * L;
+      if (p[L + 1] == 0) {  // full table: row v * L + l of its chunks
+        for (int64_t b = 0; b < B; ++b, r += L) {
+          for (int64_t l = 0; l < L; ++l) r[l] = p[l] + v[b] * L;
+        }
+        continue;
+      }
+      const C* base = codes + p[L] * L;
+      for (int64_t b = 0; b < B; ++b, r += L) {
+        if (b + kAhead < B) __builtin_prefetch(base + v[b + kAhead] * L);
+        const C* code = base + v[b] * L;
+        for (int64_t l = 0; l < L; ++l) r[l] = p[l] + static_cast<int64_t>(code[l]);
+      }
+    }
+  });
+  switch (per_id ? 0 : d) {  // fixed-size row copies for the usual sub-vector widths
+    case 8:
+      serve_rows<8>(rows.data(), weight, per_id, F, B, L, d, out);
+      break;
+    case 16:
+      serve_rows<16>(rows.data(), weight, per_id, F, B, L, d, out);
+      break;
+    case 32:
+      serve_rows<32>(rows.data(), weight, per_id, F, B, L, d, out);
+      break;
+    default:
+      serve_rows<0>(rows.data(), weight, per_id, F, B, L, d, out);
+  }
 }
 
 torch::Tensor serve_one_hot(const torch::Tensor& values, const torch::Tensor& codes,
