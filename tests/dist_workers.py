@@ -204,8 +204,9 @@ def save_checkpoint(checkpoint: str, kind: str, seed: int) -> None:
     dcp.save(wrap(kind, seed).state_dict(), checkpoint_id=Path(checkpoint))
 
 
-def load_checkpoint(checkpoint: str, kind: str, seed: int) -> None:
-    dmp = wrap(kind)
+def load_into(dmp: DistributedModelParallel, checkpoint: str, seed: int) -> torch.nn.Module:
+    """Load `checkpoint` into a fresh `dmp` (which must not already match) and check it then
+    serves like the unsharded reference model of `seed`; returns that reference."""
     probe = batch(600 + dist.get_rank())
     reference = reference_model(seed)
     _, want = reference(probe)
@@ -216,6 +217,12 @@ def load_checkpoint(checkpoint: str, kind: str, seed: int) -> None:
     dmp.load_state_dict(state)
     _, got = dmp(probe)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    return reference
+
+
+def load_checkpoint(checkpoint: str, kind: str, seed: int) -> None:
+    dmp = wrap(kind)
+    reference = load_into(dmp, checkpoint, seed)
     loaded = dmp.state_dict()
     for name, codes in reference.sparse.codes.named_buffers():
         assert torch.equal(loaded[f"sparse.codes.{name}"], codes), name
@@ -401,16 +408,7 @@ def save_codes_checkpoint(checkpoint: str, kind: str, codes_kind: str, seed: int
 
 def load_codes_checkpoint(checkpoint: str, kind: str, codes_kind: str, seed: int) -> None:
     dmp = wrap_codes(kind, codes_kind, None)
-    probe = batch(600 + dist.get_rank())
-    reference = reference_model(seed)
-    _, want = reference(probe)
-    _, fresh = dmp(probe)
-    assert not torch.allclose(fresh, want), "fresh model already matches: test proves nothing"
-    state = dmp.state_dict()
-    dcp.load(state, checkpoint_id=Path(checkpoint))
-    dmp.load_state_dict(state)
-    _, got = dmp(probe)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    reference = load_into(dmp, checkpoint, seed)
     loaded, expected = dmp.state_dict(), reference.state_dict()
     for key in (k for k in expected if k.startswith("sparse.")):
         assert_close_to_full(loaded[key], expected[key], key)
