@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mec_torchrec.modules import fused as modules_fused
+
 
 @dataclass(frozen=True)
 class FusedTables:
@@ -196,9 +198,7 @@ def cpu_kernel(values: torch.Tensor, weight: torch.Tensor):
     None (not built, other device or dtype): the ATen path serves then."""
     if values.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
-    from mec_torchrec.modules.fused import extension
-
-    ext = extension()
+    ext = modules_fused.extension()
     return ext if ext is not None and hasattr(ext, "serve_one_hot") else None
 
 

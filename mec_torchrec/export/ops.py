@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mec_torchrec.modules import fused as modules_fused
+
 OUT_OF_RANGE = ("error", "reserved")
 
 
@@ -103,11 +105,11 @@ def _first_bad_id(
 ) -> int | None:
     """The compiled bounds check (``mec_torchrec.modules.fused.first_out_of_range``): -1 when
     every id is in range, else its position; None when the extension is not loaded."""
-    from mec_torchrec.modules.fused import first_out_of_range
-
     if values.device.type != "cpu":
         return None
-    return first_out_of_range(values, per_feature.tolist(), tuple(feature_sizes.tolist()))
+    return modules_fused.first_out_of_range(
+        values, per_feature.tolist(), tuple(feature_sizes.tolist())
+    )
 
 
 def _check_jagged(values: torch.Tensor, lengths: torch.Tensor, num_features: int) -> None:
