@@ -7,12 +7,13 @@ import copy
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from test_export import make_dlrm, make_kjt, make_mec, tables
-from torchrec import KeyedJaggedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.inference.modules import quantize_inference_model
 from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
@@ -23,10 +24,12 @@ from mec_torchrec.export import (
     MECInferenceEmbeddingBagCollection,
     export_model,
     export_program,
+    load_ops,
     script_model,
 )
 from mec_torchrec.export.quant import from_mec_module
 from mec_torchrec.modules import MECEmbeddingBagCollection
+from mec_torchrec.modules import fused as modules_fused
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,13 +71,14 @@ FRESH_PROCESS = textwrap.dedent(
     """
     import sys
     import torch
-    import mec_torchrec.export  # registers torch.ops.mec_torchrec.checked_ids
-    inputs = torch.load(sys.argv[1], weights_only=False)
+    import mec_torchrec.export  # registers torch.ops.mec_torchrec and torch.ops.mec_lookup
+    requests = torch.load(sys.argv[1], weights_only=False)
     scripted = torch.jit.load(sys.argv[2])
     program = torch.export.load(sys.argv[3])
     for name, model in (("jit", scripted), ("export", program.module())):
-        out = model(inputs["dense"], inputs["kjt"])
-        assert torch.equal(out, inputs["expected"]), (name, (out - inputs["expected"]).abs().max())
+        for dense, kjt, expected in requests:
+            out = model(dense, kjt)
+            assert torch.equal(out, expected), (name, (out - expected).abs().max())
     print("ok")
     """
 )
@@ -85,10 +89,14 @@ def test_dlrm_with_serving_module_saved_and_run_in_a_fresh_process(tmp_path: Pat
     dlrm = make_dlrm(MECInferenceEmbeddingBagCollection.load(tmp_path / "art")).eval()
     dense, kjt = torch.randn(5, 3), make_kjt(tables(), batch=5, seed=6)
     with torch.no_grad():
-        expected = dlrm(dense, kjt)
-        torch.jit.save(script_model(dlrm), tmp_path / "dlrm.jit.pt")
+        scripted = script_model(dlrm)
+        torch.jit.save(scripted, tmp_path / "dlrm.jit.pt")
         torch.export.save(export_program(dlrm, (dense, kjt)), tmp_path / "dlrm.pt2")
-    torch.save({"dense": dense, "kjt": kjt, "expected": expected}, tmp_path / "inputs.pt")
+        requests = [(x, k, dlrm(x, k)) for x, k in ((dense, kjt),
+                                                    (torch.randn(4, 3), one_hot_kjt(tables(), 4, 6)))]
+    if modules_fused.loaded():  # the saved graph calls the C++ kernels
+        assert all(name in str(scripted.inlined_graph) for name in KERNELS)
+    torch.save(requests, tmp_path / "inputs.pt")
     script = tmp_path / "serve.py"
     script.write_text(FRESH_PROCESS)
     run = subprocess.run(
@@ -137,12 +145,59 @@ def test_conversion_reads_an_inner_ebc_torchrec_already_quantized() -> None:
                                atol=1e-3 * float(ref.abs().max()), rtol=0)
 
 
-def _spy(kernel, calls: list[bool]):
-    def spy(values: torch.Tensor, weight: torch.Tensor):
-        calls.append(True)
-        return kernel(values, weight)
+def one_hot_kjt(configs: list[EmbeddingBagConfig], batch: int, seed: int,
+                weighted: bool = False) -> KeyedJaggedTensor:
+    """One valid id per bag (a Criteo-style request)."""
+    g = torch.Generator().manual_seed(seed)
+    keys = [f for t in configs for f in t.feature_names]
+    values = torch.cat([torch.randint(0, t.num_embeddings, (batch,), generator=g)
+                        for t in configs for _ in t.feature_names])
+    return KeyedJaggedTensor(keys=keys, values=values,
+                             lengths=torch.ones(len(keys) * batch, dtype=torch.int64),
+                             weights=torch.rand(values.numel(), generator=g) if weighted else None)
 
-    return spy
+
+def kernels_run(forward: Callable[[KeyedJaggedTensor], object], kjt: KeyedJaggedTensor) -> set[str]:
+    """The ``torch.ops.mec_lookup`` operators that one call of ``forward`` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        forward(kjt)
+    return {e.name for e in profile.events() if e.name.startswith("mec_lookup::")}
+
+
+KERNELS = {"mec_lookup::first_out_of_range", "mec_lookup::serve_one_hot"}
+
+
+def without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the serving module see the lookup extension as not loaded (as where it cannot build)."""
+    monkeypatch.setattr(modules_fused, "loaded", lambda: False)
+
+
+def test_scripted_module_calls_the_compiled_kernels(tmp_path: Path) -> None:
+    export_model(make_mec(), tmp_path / "art")
+    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+    assert load_ops()
+    scripted = script_model(serving)
+    kjt = one_hot_kjt(serving.embedding_bag_configs(), batch=3, seed=0)
+    assert all(name in str(scripted.inlined_graph) for name in KERNELS)
+    assert kernels_run(scripted, kjt) == KERNELS
+    assert kernels_run(serving, kjt) == KERNELS
+
+
+def test_without_the_extension_the_aten_ops_serve(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    export_model(make_mec(), tmp_path / "art")
+    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+    kjt = one_hot_kjt(serving.embedding_bag_configs(), batch=3, seed=0)
+    compiled = serving(kjt).values()
+    without_the_extension(monkeypatch)
+    scripted = script_model(serving)
+    assert "mec_lookup::" not in str(scripted.inlined_graph)
+    assert kernels_run(scripted, kjt) == kernels_run(serving, kjt) == set()
+    torch.testing.assert_close(scripted(kjt).values(), compiled, atol=0, rtol=0)
+    bad = KeyedJaggedTensor(keys=["a", "b", "c", "d", "e"], values=torch.tensor([1, 7, 2, 3, 4]),
+                            lengths=torch.ones(5, dtype=torch.int64))
+    with pytest.raises(Exception, match=r"table 't_b': id 7 out of range \[0, 7\) in feature 'b'"):
+        scripted(bad)
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
@@ -150,11 +205,11 @@ def _spy(kernel, calls: list[bool]):
 def test_compiled_one_id_lookup_equals_the_aten_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weighted: bool, codebook_size: int
 ) -> None:
-    """Eager one-id-per-bag requests take the compiled kernel; it must match the ATen ops
-    (what TorchScript runs) bit for bit, for uint8 and int16 codes, with and without weights."""
+    """The compiled kernels (eager and scripted) match the ATen ops (eager and scripted, where
+    the extension is unavailable) bit for bit, for uint8 and int16 codes, with and without
+    weights."""
     from test_export import COMPRESSION
 
-    from mec_torchrec.export import fused as fused_lookup
     from mec_torchrec.modules import MECTableConfig
 
     compression = {**COMPRESSION, "t_a": MECTableConfig(4, codebook_size)}
@@ -165,24 +220,16 @@ def test_compiled_one_id_lookup_equals_the_aten_path(
         mec = MECEmbeddingBagCollection(tables(), compression)
     export_model(mec, tmp_path / "art")
     serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
-    assert serving.fused and fused_lookup.cpu_kernel(torch.zeros(1), serving.fused_weight)
-    configs = serving.embedding_bag_configs()
-    keys = [f for t in configs for f in t.feature_names]
-    g = torch.Generator().manual_seed(7)
-    for batch in (1, 5, 130):
-        values = torch.cat([torch.randint(0, t.num_embeddings, (batch,), generator=g)
-                            for t in configs for _ in t.feature_names])
-        kjt = KeyedJaggedTensor(keys=keys, values=values,
-                                lengths=torch.ones(len(keys) * batch, dtype=torch.int64),
-                                weights=torch.rand(values.numel(), generator=g) if weighted
-                                else None)
-        calls: list[bool] = []
-        with monkeypatch.context() as m:
-            m.setattr(fused_lookup, "cpu_kernel", _spy(fused_lookup.cpu_kernel, calls))
-            compiled = serving(kjt).values()
-        assert calls  # the compiled path served it
-        with monkeypatch.context() as m:
-            m.setattr(fused_lookup, "cpu_kernel", lambda values, weight: None)
-            reference = serving(kjt).values()
-        torch.testing.assert_close(compiled, reference, atol=0, rtol=0)
-        torch.testing.assert_close(compiled, mec(kjt).values(), atol=1e-5, rtol=1e-5)
+    assert serving.fused and load_ops()
+    requests = [one_hot_kjt(serving.embedding_bag_configs(), batch, batch, weighted)
+                for batch in (1, 5, 130)]
+    scripted = script_model(serving)
+    compiled = [(serving(kjt).values(), scripted(kjt).values()) for kjt in requests]
+    with monkeypatch.context() as m:
+        without_the_extension(m)
+        scripted_aten = script_model(serving)
+        aten = [(serving(kjt).values(), scripted_aten(kjt).values()) for kjt in requests]
+    for kjt, outputs, references in zip(requests, compiled, aten):
+        for out in (*outputs, references[1]):
+            torch.testing.assert_close(out, references[0], atol=0, rtol=0)
+        torch.testing.assert_close(outputs[0], mec(kjt).values(), atol=1e-5, rtol=1e-5)

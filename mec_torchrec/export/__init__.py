@@ -4,12 +4,14 @@ export_model(model_or_state_or_checkpoint, "out/serving", codebook_dtype="fp16")
 serving = MECInferenceEmbeddingBagCollection.load("out/serving")
 program = export_program(model_with_serving, (dense, kjt))     # torch.export, dynamic sizes
 scripted = script_model(model_with_serving)                    # torchrec fx + TorchScript
+load_ops()          # before torch.jit.load where the C++ kernels' extension is not built yet
 load_test(serving, requests, threads=4, seconds=5.0)             # concurrent-request check
 quantize_inference_model(model, quantization_mapping=MEC_QUANT_MAPPING)
 """
 
 from mec_torchrec.export.format import ArtifactError, Manifest
 from mec_torchrec.export.inference import MECInferenceEmbeddingBagCollection
+from mec_torchrec.export.kernels import load_ops
 from mec_torchrec.export.load import LoadResult, load_test
 from mec_torchrec.export.program import export_program, script_model
 from mec_torchrec.export.quant import MEC_QUANT_MAPPING
@@ -24,6 +26,7 @@ __all__ = [
     "Manifest",
     "export_model",
     "export_program",
+    "load_ops",
     "load_test",
     "read_manifest",
     "script_model",

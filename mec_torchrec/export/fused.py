@@ -7,15 +7,14 @@ full tables are stacked into one weight [R, d] (full table rows split into L chu
 into one [sum N, L] tensor, and a request becomes one gather of codes, one scatter of lookup rows
 and one pooled lookup whose bags are ordered (sample, feature, slot): the pooled [B * F * L, d]
 *is* the EBC layout [B, F * D] without a transpose. Requests with one id per bag skip the
-scatter and the pooling (one gather of codes, one gather of rows).
+scatter and the pooling (one gather of codes, one gather of rows), or are one call of a C++ kernel
+(``compiled_pooled_lookup``).
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from mec_torchrec.modules import fused as modules_fused
 
 
 @dataclass(frozen=True)
@@ -158,6 +157,32 @@ def fused_pooled_lookup(
     return pooled.view(stride, num_features * num_slots * dim)
 
 
+@torch.fx.wrap
+def compiled_pooled_lookup(
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: torch.Tensor | None,
+    stride: int,
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    feature_plan: torch.Tensor,
+    feature_is_mean: torch.Tensor,
+    num_slots: int,
+    has_mean: bool,
+) -> torch.Tensor:
+    """``fused_pooled_lookup`` with its one-id-per-bag requests in one call of a C++ kernel,
+    ``torch.ops.mec_lookup.serve_one_hot`` (CPU, float32 ``weight``; see ``kernels``): code rows
+    gathered per feature with prefetching, then each sample's output row written once."""
+    if values.shape[0] == lengths.shape[0] and bool((lengths == 1).all()):
+        return torch.ops.mec_lookup.serve_one_hot(
+            values, codes, weight, feature_plan, stride, weights
+        )
+    return fused_pooled_lookup(
+        values, lengths, weights, stride, weight, codes, feature_plan, feature_is_mean,
+        num_slots, has_mean,
+    )  # fmt: skip
+
+
 def _one_hot_lookup(
     values: torch.Tensor,
     weights: torch.Tensor | None,
@@ -167,15 +192,7 @@ def _one_hot_lookup(
     feature_plan: torch.Tensor,
     num_slots: int,
 ) -> torch.Tensor:
-    """``fused_pooled_lookup`` when every bag holds one id (MEAN = SUM then).
-
-    Eager on CPU, one call of the compiled kernel when it is available (``cpu_kernel``); the ATen
-    ops below otherwise, and always under TorchScript.
-    """
-    if not torch.jit.is_scripting():  # TorchScript skips this block (only when written so)
-        kernel = cpu_kernel(values, weight)
-        if kernel is not None:
-            return kernel.serve_one_hot(values, codes, weight, feature_plan, stride, weights)
+    """``fused_pooled_lookup`` when every bag holds one id (MEAN = SUM then)."""
     num_features = feature_plan.shape[0]
     ids = torch.empty(stride, num_features, dtype=values.dtype, device=values.device)
     ids.copy_(values.view(num_features, stride).t())  # (sample, feature) order
@@ -191,15 +208,6 @@ def _one_hot_lookup(
         per_id.copy_(weights.float().view(num_features, stride).t())
         out = out * per_id.unsqueeze(2)
     return out.view(stride, num_features * num_slots * dim)
-
-
-def cpu_kernel(values: torch.Tensor, weight: torch.Tensor):
-    """The compiled lookup extension (``mec_torchrec.modules.fused``) for CPU float tensors, or
-    None (not built, other device or dtype): the ATen path serves then."""
-    if values.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return None
-    ext = modules_fused.extension()
-    return ext if ext is not None and hasattr(ext, "serve_one_hot") else None
 
 
 def _transposed_arange(rows: int, cols: int, device: torch.device) -> torch.Tensor:

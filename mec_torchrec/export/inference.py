@@ -10,7 +10,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mec_torchrec.export import fused as fused_lookup
-from mec_torchrec.export import ops
+from mec_torchrec.export import kernels, ops
 from mec_torchrec.export.format import Manifest, decode_codebooks
 from mec_torchrec.export.reader import read_manifest, read_table
 
@@ -38,7 +38,9 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
     The forward is an id check and the pooled lookup, in plain ATen ops plus one custom op
     (``torch.ops.mec_torchrec.checked_ids``, called for out-of-range ids and inside exported
     programs), so the module fx-traces with ``torchrec.fx.symbolic_trace``, scripts with
-    ``torch.jit.script`` and exports with ``torch.export.export``.
+    ``torch.jit.script`` and exports with ``torch.export.export``. On CPU, eager and scripted,
+    the id bounds check and one-id-per-bag requests of the fused layout run C++ kernels instead
+    (``torch.ops.mec_lookup``, see ``kernels``) when the lookup extension is available.
 
     Args:
         tables: the outer table configs, in output order.
@@ -102,8 +104,6 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
             self._has_mean = any(self._table_is_mean)
             for name in ("weight", "codes", "feature_plan", "feature_is_mean"):
                 self.register_buffer(f"fused_{name}", getattr(plan, name))
-            # Build or load the compiled one-id-per-bag lookup now, not on the first request.
-            fused_lookup.cpu_kernel(plan.feature_plan, plan.weight)
         else:
             self.codes = nn.Module()
             self.codebooks = nn.Module()
@@ -134,6 +134,8 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
                 device=device,
             ),
         )
+        if self.feature_sizes.device.type == "cpu":
+            kernels.load_ops()  # build or load the compiled kernels now, not on the first request
 
     @classmethod
     def load(
@@ -207,12 +209,19 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
         """Pooled embeddings of ``features`` in EBC layout (see the class docstring)."""
         ordered = ops.in_feature_order(features, self._features)
         lengths = ordered.lengths()
-        values = ops.check_ids(
-            ordered.values(), lengths, self.feature_sizes, self._names, self._reserved
-        )
+        # The C++ kernels or the ATen ops, picked here in Python: fx tracing records the pick, so
+        # a TorchScript graph calls the kernels as eager mode does (see ``kernels``).
+        compiled = kernels.serves(self.feature_sizes)
+        check = ops.compiled_check_ids if compiled else ops.check_ids
+        values = check(ordered.values(), lengths, self.feature_sizes, self._names, self._reserved)
         weights = ops.required_weights(ordered) if self._is_weighted else None
         if self._fused:
-            pooled = fused_lookup.fused_pooled_lookup(
+            lookup = (
+                fused_lookup.compiled_pooled_lookup
+                if compiled and self.fused_weight.dtype == torch.float32
+                else fused_lookup.fused_pooled_lookup
+            )
+            pooled = lookup(
                 values,
                 lengths,
                 weights,

@@ -6,7 +6,9 @@ code ids plus L-fold lengths (and weights), then pools. ``fused_pooled_lookup`` 
 ``torch.utils.cpp_extension`` on first use and cached under ``<sys.prefix>/torch_extensions``).
 Its backward yields a dense gradient for each inner weight (the same gradients the dense TBE
 gives) and none for the codes. CPU and FP32 only; ``MECEmbeddingBagCollection`` falls back to
-the remap path when the extension is unavailable or the module is on CUDA.
+the remap path when the extension is unavailable or the module is on CUDA. Loading the extension
+also registers the serving kernels as operators, ``torch.ops.mec_lookup.*``
+(``mec_torchrec.export.kernels``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from mec_torchrec.modules.layout import MECLayout
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "mec_lookup.cpp"
+_BUILD = Path(sys.prefix) / "torch_extensions" / "mec_lookup"
 _ext = None
 _tried = False
 
@@ -35,12 +38,11 @@ def extension():
         try:
             from torch.utils.cpp_extension import load
 
-            build = Path(sys.prefix) / "torch_extensions" / "mec_lookup"
-            build.mkdir(parents=True, exist_ok=True)
+            _BUILD.mkdir(parents=True, exist_ok=True)
             _ext = load(
                 name="mec_lookup",
                 sources=[str(_SOURCE)],
-                build_directory=str(build),
+                build_directory=str(_BUILD),
                 extra_cflags=["-O3"],
                 verbose=bool(os.environ.get("MEC_LOOKUP_VERBOSE")),
             )
@@ -53,6 +55,18 @@ def extension():
 def available() -> bool:
     """Whether the fused CPU kernel can be used (builds it on first call)."""
     return extension() is not None
+
+
+def loaded() -> bool:
+    """Whether the extension is loaded (never builds it)."""
+    return _ext is not None
+
+
+def is_built() -> bool:
+    """Whether the extension's library is built from the current source, so that ``extension()``
+    loads it without compiling."""
+    library = _BUILD / "mec_lookup.so"
+    return library.exists() and library.stat().st_mtime >= _SOURCE.stat().st_mtime
 
 
 # (feat_start, feat_code, feat_mean, lk_table, lk_dim, lk_col, lk_feat, table_ptr, table_lk,

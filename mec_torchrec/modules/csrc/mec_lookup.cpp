@@ -563,10 +563,10 @@ std::vector<torch::Tensor> backward(
 }
 
 template <typename T>
-int64_t first_out_of_range_of(const T* v, const std::vector<int64_t>& length_per_key,
-                              const std::vector<int64_t>& sizes) {
+int64_t first_out_of_range_of(const T* v, const int64_t* length_per_key, const int64_t* sizes,
+                              int64_t F) {
   int64_t start = 0;
-  for (size_t f = 0; f < length_per_key.size(); ++f) {
+  for (int64_t f = 0; f < F; ++f) {
     const int64_t n = length_per_key[f];
     const uint64_t size = static_cast<uint64_t>(sizes[f]);
     bool bad = false;  // one branch-free pass per feature; the position only when needed
@@ -581,6 +581,16 @@ int64_t first_out_of_range_of(const T* v, const std::vector<int64_t>& length_per
   return -1;
 }
 
+int64_t first_out_of_range_in(const torch::Tensor& values, const int64_t* length_per_key,
+                              const int64_t* sizes, int64_t F) {
+  const auto v = values.scalar_type() == at::kInt ? values.contiguous()
+                                                  : values.to(at::kLong).contiguous();
+  if (v.scalar_type() == at::kInt) {
+    return first_out_of_range_of(v.data_ptr<int32_t>(), length_per_key, sizes, F);
+  }
+  return first_out_of_range_of(v.data_ptr<int64_t>(), length_per_key, sizes, F);
+}
+
 // Position of the first id outside [0, size of its feature), or -1: one pass over the ids of
 // each feature (``length_per_key`` ids each).
 int64_t first_out_of_range(const torch::Tensor& values, const std::vector<int64_t>& length_per_key,
@@ -590,12 +600,21 @@ int64_t first_out_of_range(const torch::Tensor& values, const std::vector<int64_
   TORCH_CHECK(std::accumulate(length_per_key.begin(), length_per_key.end(), int64_t{0}) ==
                   values.numel(),
               "length_per_key must sum to the number of ids");
-  const auto v = values.scalar_type() == at::kInt ? values.contiguous()
-                                                  : values.to(at::kLong).contiguous();
-  if (v.scalar_type() == at::kInt) {
-    return first_out_of_range_of(v.data_ptr<int32_t>(), length_per_key, sizes);
-  }
-  return first_out_of_range_of(v.data_ptr<int64_t>(), length_per_key, sizes);
+  return first_out_of_range_in(values, length_per_key.data(), sizes.data(), sizes.size());
+}
+
+// The same check as an operator (torch.ops.mec_lookup.first_out_of_range, TorchScript-visible):
+// the ids per feature and the table sizes as int tensors [F].
+int64_t first_out_of_range_op(const torch::Tensor& values, const torch::Tensor& per_feature,
+                              const torch::Tensor& sizes) {
+  TORCH_CHECK(values.device().is_cpu() && values.dim() == 1, "ids: 1-D CPU tensor");
+  TORCH_CHECK(per_feature.numel() == sizes.numel(), "one size per feature");
+  const auto lengths = per_feature.to(at::kLong).contiguous();
+  const auto bounds = sizes.to(at::kLong).contiguous();
+  const int64_t* n = lengths.data_ptr<int64_t>();
+  TORCH_CHECK(std::accumulate(n, n + lengths.numel(), int64_t{0}) == values.numel(),
+              "per_feature must sum to the number of ids");
+  return first_out_of_range_in(values, n, bounds.data_ptr<int64_t>(), bounds.numel());
 }
 
 // Serving, one id per bag (mec_torchrec/export/fused.py, the stacked artifact layout): for sample
@@ -711,5 +730,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused MEC pooled lookup (CPU)");
   m.def("backward", &backward, "gradients of the fused MEC pooled lookup (CPU)");
   m.def("first_out_of_range", &first_out_of_range, "first id outside its feature's table, or -1");
-  m.def("serve_one_hot", &serve_one_hot, "serving lookup of one id per bag (stacked artifact)");
+}
+
+// The serving kernels as operators, registered when this library loads, so that TorchScript
+// graphs (mec_torchrec/export) call them as they call ATen ops. CPU kernels only.
+TORCH_LIBRARY(mec_lookup, m) {
+  m.def("serve_one_hot(Tensor values, Tensor codes, Tensor weight, Tensor feature_plan, "
+        "int stride, Tensor? per_id) -> Tensor");
+  m.def("first_out_of_range(Tensor values, Tensor per_feature, Tensor sizes) -> int");
+}
+
+TORCH_LIBRARY_IMPL(mec_lookup, CPU, m) {
+  m.impl("serve_one_hot", &serve_one_hot);
+  m.impl("first_out_of_range", &first_out_of_range_op);
 }
