@@ -107,6 +107,34 @@ def test_count_sampling_favours_the_head_over_uniform_sampling():
         MECQuantizer(L, K, no_pwr_sampling="traffic")
 
 
+def test_sampling_final_weighting_refits_entries_to_count_weighted_means():
+    weight, counts = _table()
+    plain = _mec(use_pwr=False, no_pwr_sampling="count", polish_iters=0).fit(weight, counts)
+    weighted = _mec(
+        use_pwr=False, no_pwr_sampling="count", polish_iters=0, final_weighting="sampling"
+    ).fit(weight, counts)
+    assert torch.equal(weighted.codes, plain.codes)  # training and codes alike; only the refit
+    assert weighted.stats["final_weighting"] == "sampling"
+    w = counts.double().clamp_min(1)
+    x = weight.view(N, L, D // L).double()
+    for sub in range(L):
+        c = weighted.codes[:, sub].long()
+        sums = torch.zeros(K, D // L, dtype=torch.float64).index_add_(0, c, x[:, sub] * w[:, None])
+        mass = torch.zeros(K, dtype=torch.float64).index_add_(0, c, w)
+        used = mass > 0
+        torch.testing.assert_close(
+            weighted.codebooks[sub, used], (sums[used] / mass[used, None]).float()
+        )
+
+    def traffic(table: CompressedTable) -> float:
+        return float(((table.decode() - weight).square().mean(1).double() * w).sum() / w.sum())
+
+    assert traffic(weighted) < traffic(plain)  # what requests see...
+    assert _err(weighted, weight) > _err(plain, weight)  # ...at the cost of the plain mean
+    with pytest.raises(ValueError, match="final_weighting"):
+        MECQuantizer(L, K, final_weighting="count")
+
+
 def test_encoder_is_trained_and_codes_come_from_its_output(fitted):
     quantizer, table, weight = fitted
     assert float(quantizer.encoder.out.weight.abs().sum()) > 0  # moved from its zero init

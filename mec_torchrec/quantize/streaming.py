@@ -41,12 +41,18 @@ def encode_rows(
 
 @torch.no_grad()
 def refit_codebooks(
-    weight: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, chunk_rows: int = 262144
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    chunk_rows: int = 262144,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Each entry becomes the mean of the original sub-vectors assigned to it (over all N rows).
+    """Each entry becomes the mean of the original sub-vectors assigned to it (over all N rows),
+    weighted by ``row_weight`` [N] (every row alike when None).
 
-    Given the codes this minimises the reconstruction error of ``decode`` in the original space;
-    entries no row uses keep their value. Returns a new float32 [L, K, d] tensor.
+    Given the codes this minimises the (weighted) reconstruction error of ``decode`` in the
+    original space; entries no row (of positive weight) uses keep their value. Returns a new
+    float32 [L, K, d] tensor.
     """
     num_subspaces, codebook_size, sub_dim = codebooks.shape
     sums = torch.zeros(
@@ -56,7 +62,11 @@ def refit_codebooks(
     for start in range(0, weight.shape[0], chunk_rows):
         x = weight[start : start + chunk_rows].to(codebooks.device, torch.float32)
         c = codes[start : start + x.shape[0]].to(codebooks.device)
-        s, m = centroid_sums(x.view(-1, num_subspaces, sub_dim), c, codebook_size)
+        w = None if row_weight is None else row_weight[start : start + x.shape[0]]
+        s, m = centroid_sums(
+            x.view(-1, num_subspaces, sub_dim), c, codebook_size,
+            None if w is None else w.to(codebooks.device),
+        )
         sums += s
         mass += m
     out = codebooks.clone().float()
