@@ -300,10 +300,11 @@ def compress(ebc: EmbeddingBagCollection, ds: ProcessedDataset, s: Setup, method
         if method == "pq":
             q: Any = PQQuantizer(L, K, sample_size=s.quantizer_sample, init_size=s.kmeans_init,
                                  seed=seed)
-        elif method == "mec-count":  # the demo's setting: rows drawn by their counts
+        elif method == "mec-count":  # the demo's setting: rows drawn and refitted by counts
             q = MECQuantizer(L, K, epochs=s.quantizer_epochs, sample_size=s.quantizer_sample,
                              init_size=s.kmeans_init, batch_size=4096, seed=seed,
-                             use_pwr=False, no_pwr_sampling="count", polish_iters=0)
+                             use_pwr=False, no_pwr_sampling="count", polish_iters=3,
+                             final_weighting="sampling")
         else:
             q = MECQuantizer(L, K, epochs=s.quantizer_epochs, sample_size=s.quantizer_sample,
                              init_size=s.kmeans_init, batch_size=4096, seed=seed,
