@@ -98,6 +98,17 @@ def test_polish_lowers_error_and_codes_still_come_from_the_encoder():
     assert torch.equal(polished.codes.long(), nearest(q, quantizer.assign_codebooks))
 
 
+def test_polish_on_a_subset_of_the_pool_is_seeded_and_still_lowers_error():
+    weight, counts = _table()
+    rough = _mec(polish_iters=0).fit(weight, counts)
+    first = _mec(polish_iters=5, polish_size=300).fit(weight, counts)
+    again = _mec(polish_iters=5, polish_size=300).fit(weight, counts)
+    assert torch.equal(first.codes, again.codes) and torch.equal(first.codebooks, again.codebooks)
+    assert _err(first, weight) < _err(rough, weight)
+    with pytest.raises(ValueError, match="polish_size"):
+        MECQuantizer(L, K, polish_size=0)
+
+
 def test_count_sampling_favours_the_head_over_uniform_sampling():
     weight, counts = _table()
     uniform = _mec(use_pwr=False, polish_iters=0).fit(weight, counts).stats["buckets"]

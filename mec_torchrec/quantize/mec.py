@@ -48,11 +48,14 @@ class MECQuantizer:
     (never the training loss) and restores the best state.
 
     After training, ``polish_iters`` Lloyd iterations (unweighted by default, see
-    ``final_weighting``) on the encoder outputs of the fit pool (a uniform sample of the table)
-    refine ``assign_codebooks``: training weights rows by
-    popularity, while the table's reconstruction error weighs every row once, and these steps move
-    the entries toward that objective without changing how codes are made (still the nearest
-    entry of the encoder output). Then ``encode`` gives the nearest ``assign_codebooks`` entry of
+    ``final_weighting``) on the encoder outputs of the fit pool (a uniform sample of the table, at
+    most ``polish_size`` rows) refine ``assign_codebooks``: training weights rows by popularity,
+    while the table's reconstruction error weighs every row once, and these steps move the
+    entries toward that objective without changing how codes are made (still the nearest entry
+    of the encoder output). The default 3 keeps most of PWR's effect (lower tail error than
+    count sampling); on tables a model learned, whose head rows sit far from a dense tail, ~25
+    reach plain k-means PQ's error (3 leave it 0.7-1.5 % above, 25 give -0.25 to +0.4 %) but
+    also erase PWR's tail advantage (docs/benchmarks.md, Quantizer). Then ``encode`` gives the nearest ``assign_codebooks`` entry of
     the encoder output for every row (one streaming pass), and each entry of the served
     ``codebooks`` is refitted to the mean of the original sub-vectors assigned to it, which for
     those codes minimises the reconstruction error of ``decode`` in the original space (what
@@ -96,6 +99,7 @@ class MECQuantizer:
         chunk_rows: rows per chunk in the streaming encode pass.
         polish_iters: Lloyd iterations on the pool's encoder outputs after training (0 keeps
             the trained ``assign_codebooks`` as they are).
+        polish_size: pool rows the polish runs on (a uniform subset when the pool is larger).
         final_weighting: how the polish and the final refit weigh rows: ``"uniform"`` (every
             row once: the table's plain reconstruction error) or ``"sampling"`` (by the weights
             the training drew rows with: PWR, counts or uniform). With count sampling,
@@ -129,16 +133,20 @@ class MECQuantizer:
         holdout_size: int = 10_000,
         chunk_rows: int = 65536,
         polish_iters: int = 3,
+        polish_size: int = 262_144,
         final_weighting: str = "uniform",
     ) -> None:
         check_config(num_subspaces, codebook_size)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if batch_size < 1 or epochs < 0 or patience < 1 or sample_size < 1 or polish_iters < 0:
+        if (
+            batch_size < 1 or epochs < 0 or patience < 1 or sample_size < 1 or polish_iters < 0
+            or polish_size < 1
+        ):
             raise ValueError(
                 f"need batch_size >= 1, epochs >= 0, patience >= 1, sample_size >= 1, "
-                f"polish_iters >= 0; got {batch_size}, {epochs}, {patience}, {sample_size}, "
-                f"{polish_iters}"
+                f"polish_iters >= 0, polish_size >= 1; got {batch_size}, {epochs}, {patience}, "
+                f"{sample_size}, {polish_iters}, {polish_size}"
             )
         self.num_subspaces, self.codebook_size = num_subspaces, codebook_size
         self.reg_weight, self.contrastive_weight = reg_weight, contrastive_weight
@@ -149,7 +157,7 @@ class MECQuantizer:
         self.hidden_dim, self.in_batch_negatives = hidden_dim, in_batch_negatives
         self.kmeans_iters, self.init_size = kmeans_iters, init_size
         self.holdout_size, self.chunk_rows = holdout_size, chunk_rows
-        self.polish_iters = polish_iters
+        self.polish_iters, self.polish_size = polish_iters, polish_size
         if no_pwr_sampling not in ("uniform", "count"):
             raise ValueError(
                 f"no_pwr_sampling must be 'uniform' or 'count', got {no_pwr_sampling!r}"
@@ -326,8 +334,12 @@ class MECQuantizer:
         self.encoder.load_state_dict(best_state[0])
         self.encoder.eval().requires_grad_(False)
         final_w = row_w if self.final_weighting == "sampling" else None
+        polish_x, polish_w = pool, pool_w
+        if pool.shape[0] > self.polish_size:
+            ids = torch.randperm(pool.shape[0], generator=gen)[: self.polish_size].sort().values
+            polish_x, polish_w = pool[ids.to(dev)], pool_w[ids]
         self.assign_codebooks = self._polish(
-            pool, best_state[1], None if final_w is None else pool_w.to(dev)
+            polish_x, best_state[1], None if final_w is None else polish_w.to(dev)
         )
         fit_s = time.perf_counter() - t0
 

@@ -77,6 +77,9 @@ def quality_of(
         ("mec_no_polish", {"polish_iters": 0}),
         ("mec_no_pwr", {"use_pwr": False}),
         ("mec_count", {"use_pwr": False, "no_pwr_sampling": "count"}),
+        # The demo's setting: count sampling, polish and refit weighted by the counts too.
+        ("mec_traffic", {"use_pwr": False, "no_pwr_sampling": "count", "polish_iters": 3,
+                         "final_weighting": "sampling"}),
     )
     for name, kw in variants:
         q = MECQuantizer(
@@ -117,20 +120,24 @@ def print_quality(title: str, num_subspaces: int, k: int, res: dict) -> None:
     pq, mec, nopwr, count = res["pq"], res["mec"], res["mec_no_pwr"], res["mec_count"]
     print(f"\n== quality: {title} L={num_subspaces} K={k} ==")
     print(
-        f"{'method':<14}{'mse':>9}{'traffic':>9}{'head':>9}{'tail':>9}{'ppl mean':>10}"
+        f"{'method':<14}{'mse':>10}{'traffic':>10}{'head':>10}{'tail':>10}{'ppl mean':>10}"
         f"{'ppl min':>9}{'dead':>6}{'fit s':>8}{'best ep':>8}"
     )
     for name, r in res.items():
         print(
-            f"{name:<14}{r['mse']:>9.4f}{r['traffic_mse']:>9.4f}{r['head_mse']:>9.4f}"
-            f"{r['tail_mse']:>9.4f}{r['ppl_mean']:>10.1f}{r['ppl_min']:>9.1f}{r['dead']:>6}"
+            f"{name:<14}{r['mse']:>10.4g}{r['traffic_mse']:>10.4g}{r['head_mse']:>10.4g}"
+            f"{r['tail_mse']:>10.4g}{r['ppl_mean']:>10.1f}{r['ppl_min']:>9.1f}{r['dead']:>6}"
             f"{r['fit_s']:>8.1f}{r.get('best_epoch', '-'):>8}"
         )
     print(
         f"MEC/PQ mse ratio {mec['mse'] / pq['mse']:.4f} (target <= 1)   "
         f"MEC/PQ perplexity ratio {mec['ppl_mean'] / pq['ppl_mean']:.4f}   "
-        f"MEC min perplexity / K {mec['ppl_min'] / k:.3f} (target >= 0.8)"
+        f"MEC min perplexity / K {mec['ppl_min'] / k:.3f} (target >= 0.8; "
+        f"PQ's {pq['ppl_min'] / k:.3f})"
     )
+    print("traffic (count-weighted) mse / PQ's: " + "   ".join(
+        f"{name} {r['traffic_mse'] / pq['traffic_mse']:.4f}" for name, r in res.items()
+        if name != "pq"))
     for label, base in (("count-proportional", count), ("uniform", nopwr)):
         print(
             f"PWR vs no PWR ({label} sampling): tail mse ratio "
