@@ -164,7 +164,7 @@ def kernels_run(forward: Callable[[KeyedJaggedTensor], object], kjt: KeyedJagged
     return {e.name for e in profile.events() if e.name.startswith("mec_lookup::")}
 
 
-KERNELS = {"mec_lookup::first_out_of_range", "mec_lookup::serve_one_hot"}
+KERNELS = {"mec_lookup::ids_in_range", "mec_lookup::serve_one_hot"}
 
 
 def without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:

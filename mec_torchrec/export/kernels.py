@@ -5,8 +5,9 @@ operators when its library loads:
 
 * ``serve_one_hot(values, codes, weight, feature_plan, stride, per_id)``: a fused lookup whose
   bags hold one id each (``fused.compiled_pooled_lookup``);
-* ``first_out_of_range(values, per_feature, sizes) -> int``: the id bounds check in one pass,
-  -1 when every id is in range (``ops.compiled_check_ids``).
+* ``ids_in_range(values, lengths, sizes) -> bool``: the id check of a valid batch in one pass
+  (integer ids, lengths non-negative and summing to the number of ids, every id within its
+  feature's table; ``ops.compiled_check_ids``).
 
 The serving module picks them or the ATen ops in Python at every forward (``serves``); fx tracing
 records that pick, so a scripted module calls the operators when they were loaded where it was

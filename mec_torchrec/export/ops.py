@@ -2,9 +2,8 @@
 
 All are ``torch.fx.wrap``-ed so torchrec's fx tracing keeps them as single calls, written in the
 TorchScript subset so the traced graph scripts, and free of data-dependent Python branches under
-``torch.export``. ``compiled_check_ids`` is ``check_ids`` with its bounds check in C++ (see
-``kernels``). Out-of-range ids are reported by a custom op
-(``torch.ops.mec_torchrec.checked_ids``) whose error names the feature, id and table size: an
+``torch.export``; ``compiled_check_ids`` is ``check_ids`` with a C++ fast path (see ``kernels``).
+Out-of-range ids are reported by a custom op (``torch.ops.mec_torchrec.checked_ids``) whose error names the feature, id and table size: an
 exported program cannot raise a message built from tensor values, but it can call an op that
 does. Importing this module registers the op, so a saved TorchScript or exported model needs
 ``import mec_torchrec.export`` to run.
@@ -83,7 +82,13 @@ def check_ids(
             return torch.ops.mec_torchrec.checked_ids(
                 values, lengths, feature_sizes, names, reserved
             )
-    per_feature = _ids_per_feature(values, lengths, feature_sizes.shape[0])
+    _check_jagged(values, lengths, feature_sizes.shape[0])
+    per_feature = lengths.view(feature_sizes.shape[0], -1).sum(1)
+    if int(per_feature.sum()) != values.shape[0]:
+        raise ValueError(
+            "input KeyedJaggedTensor: lengths sum to " + str(int(per_feature.sum()))
+            + " but there are " + str(values.shape[0]) + " ids"
+        )  # fmt: skip
     bounds = torch.repeat_interleave(feature_sizes, per_feature, output_size=values.shape[0])
     if bool(((values < 0) | (values >= bounds)).any()):
         return torch.ops.mec_torchrec.checked_ids(values, lengths, feature_sizes, names, reserved)
@@ -98,25 +103,12 @@ def compiled_check_ids(
     names: str,
     reserved: bool,
 ) -> torch.Tensor:
-    """``check_ids`` with the bounds check in one C++ pass,
-    ``torch.ops.mec_lookup.first_out_of_range`` (CPU; see ``kernels``)."""
-    per_feature = _ids_per_feature(values, lengths, feature_sizes.shape[0])
-    if torch.ops.mec_lookup.first_out_of_range(values, per_feature, feature_sizes) == -1:
+    """``check_ids`` in one C++ pass, ``torch.ops.mec_lookup.ids_in_range`` (CPU; see
+    ``kernels``), when the batch is valid; ``check_ids`` itself otherwise, to raise its error or
+    replace the out-of-range ids."""
+    if torch.ops.mec_lookup.ids_in_range(values, lengths, feature_sizes):
         return values
-    return torch.ops.mec_torchrec.checked_ids(values, lengths, feature_sizes, names, reserved)
-
-
-def _ids_per_feature(values: torch.Tensor, lengths: torch.Tensor, num_features: int) -> torch.Tensor:
-    """The number of ids of each feature [F], once the ids and lengths are checked to be a
-    jagged batch of ``num_features`` features (``_check_jagged``) that holds every id."""
-    _check_jagged(values, lengths, num_features)
-    per_feature = lengths.view(num_features, -1).sum(1)
-    if int(per_feature.sum()) != values.shape[0]:
-        raise ValueError(
-            "input KeyedJaggedTensor: lengths sum to " + str(int(per_feature.sum()))
-            + " but there are " + str(values.shape[0]) + " ids"
-        )  # fmt: skip
-    return per_feature
+    return check_ids(values, lengths, feature_sizes, names, reserved)
 
 
 def _check_jagged(values: torch.Tensor, lengths: torch.Tensor, num_features: int) -> None:

@@ -603,18 +603,33 @@ int64_t first_out_of_range(const torch::Tensor& values, const std::vector<int64_
   return first_out_of_range_in(values, length_per_key.data(), sizes.data(), sizes.size());
 }
 
-// The same check as an operator (torch.ops.mec_lookup.first_out_of_range, TorchScript-visible):
-// the ids per feature and the table sizes as int tensors [F].
-int64_t first_out_of_range_op(const torch::Tensor& values, const torch::Tensor& per_feature,
-                              const torch::Tensor& sizes) {
-  TORCH_CHECK(values.device().is_cpu() && values.dim() == 1, "ids: 1-D CPU tensor");
-  TORCH_CHECK(per_feature.numel() == sizes.numel(), "one size per feature");
-  const auto lengths = per_feature.to(at::kLong).contiguous();
+// Whether a serving batch is valid, in one pass (torch.ops.mec_lookup.ids_in_range): integer
+// ids, bag lengths [F * B] (feature-major, B >= 1) non-negative and summing to the number of ids,
+// every id of feature f in [0, sizes[f]). False sends the caller to its exact (slower) checks.
+bool ids_in_range(const torch::Tensor& values, const torch::Tensor& lengths,
+                  const torch::Tensor& sizes) {
+  TORCH_CHECK(values.dim() == 1 && lengths.dim() == 1 && sizes.dim() == 1,
+              "ids_in_range: 1-D values, lengths and sizes");
+  const int64_t F = sizes.numel(), n = lengths.numel();
+  if (!at::isIntegralType(values.scalar_type(), /*includeBool=*/false) || F == 0 || n == 0 ||
+      n % F != 0) {
+    return false;
+  }
+  const auto len = lengths.to(at::kLong).contiguous();
   const auto bounds = sizes.to(at::kLong).contiguous();
-  const int64_t* n = lengths.data_ptr<int64_t>();
-  TORCH_CHECK(std::accumulate(n, n + lengths.numel(), int64_t{0}) == values.numel(),
-              "per_feature must sum to the number of ids");
-  return first_out_of_range_in(values, n, bounds.data_ptr<int64_t>(), bounds.numel());
+  const int64_t* l = len.data_ptr<int64_t>();
+  const int64_t B = n / F;
+  std::vector<int64_t> per_feature(F, 0);
+  for (int64_t f = 0; f < F; ++f) {
+    for (int64_t b = 0; b < B; ++b) {
+      if (l[f * B + b] < 0) return false;
+      per_feature[f] += l[f * B + b];
+    }
+  }
+  if (std::accumulate(per_feature.begin(), per_feature.end(), int64_t{0}) != values.numel()) {
+    return false;
+  }
+  return first_out_of_range_in(values, per_feature.data(), bounds.data_ptr<int64_t>(), F) == -1;
 }
 
 // Serving, one id per bag (mec_torchrec/export/fused.py, the stacked artifact layout): for sample
@@ -737,10 +752,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 TORCH_LIBRARY(mec_lookup, m) {
   m.def("serve_one_hot(Tensor values, Tensor codes, Tensor weight, Tensor feature_plan, "
         "int stride, Tensor? per_id) -> Tensor");
-  m.def("first_out_of_range(Tensor values, Tensor per_feature, Tensor sizes) -> int");
+  m.def("ids_in_range(Tensor values, Tensor lengths, Tensor sizes) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(mec_lookup, CPU, m) {
   m.impl("serve_one_hot", &serve_one_hot);
-  m.impl("first_out_of_range", &first_out_of_range_op);
+  m.impl("ids_in_range", &ids_in_range);
 }
