@@ -172,6 +172,26 @@ def without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(modules_fused, "loaded", lambda: False)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_ids_in_range_accepts_exactly_the_valid_batches(dtype: torch.dtype) -> None:
+    assert load_ops()
+    sizes = torch.tensor([5, 3])  # F = 2, B = 2
+
+    def valid(ids: list, lengths: list[int]) -> bool:
+        return torch.ops.mec_lookup.ids_in_range(
+            torch.tensor(ids, dtype=dtype if isinstance(ids[0], int) else torch.float32),
+            torch.tensor(lengths, dtype=dtype), sizes)
+
+    assert valid([4, 0, 2, 2], [2, 0, 1, 1])
+    assert not valid([5, 0, 2, 2], [2, 0, 1, 1])  # feature 0 has 5 rows
+    assert not valid([4, 0, 2, 3], [2, 0, 1, 1])  # feature 1 has 3 rows
+    assert not valid([4, -1, 2, 2], [2, 0, 1, 1])
+    assert not valid([4, 0, 2, 2], [3, -1, 1, 1])  # sums right, one length negative
+    assert not valid([4, 0, 2, 2], [2, 0, 1, 2])  # lengths sum to 5, 4 ids
+    assert not valid([4.0, 0.0, 2.0, 2.0], [2, 0, 1, 1])
+    assert not valid([4, 0, 2], [1, 1, 1])  # 3 lengths for 2 features
+
+
 def test_scripted_module_calls_the_compiled_kernels(tmp_path: Path) -> None:
     export_model(make_mec(), tmp_path / "art")
     serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
