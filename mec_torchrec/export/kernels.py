@@ -25,7 +25,7 @@ def load_ops() -> bool:
     """Register ``torch.ops.mec_lookup.*``, building the extension if needed; whether they are.
 
     Call it before ``torch.jit.load`` of a scripted serving model in an environment where the
-    extension has not been built yet (``Unknown builtin op: mec_lookup::serve_one_hot``).
+    extension has not been built yet (``Unknown builtin op: mec_lookup::ids_in_range``).
     """
     return modules_fused.extension() is not None
 
