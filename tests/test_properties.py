@@ -516,6 +516,19 @@ TABLE_FIELDS = ["name", "feature_names", "num_embeddings", "embedding_dim", "poo
                 "codebook_dtype"]  # fmt: skip
 
 
+def test_a_manifest_whose_L_does_not_divide_the_dim_is_refused_naming_the_blob(artifact: Path):
+    # Found by the property below: this error named the table but not the artifact's path.
+    raw = json.loads((artifact / "manifest.json").read_text())
+    table = next(t for t in raw["tables"] if t.get("num_subspaces"))
+    table["num_subspaces"] = table["embedding_dim"] * 2
+    with scratch() as tmp:
+        shutil.copytree(artifact, tmp / "art")
+        (tmp / "art" / "manifest.json").write_text(json.dumps(raw))
+        with pytest.raises(ArtifactError, match="not divisible by L=") as error:
+            MECInferenceEmbeddingBagCollection.load(tmp / "art")
+        assert str(tmp / "art") in str(error.value)
+
+
 @FEW
 @given(data=st.data())
 def test_an_edited_manifest_is_refused_or_served(artifact: Path, data) -> None:
@@ -542,8 +555,8 @@ def test_an_edited_manifest_is_refused_or_served(artifact: Path, data) -> None:
             target.pop(key, None)
         else:
             target[key] = data.draw(MANIFEST_VALUES)
-        if not isinstance(raw.get("tables"), list):
-            break
+        if not isinstance(raw.get("tables"), list) or not raw["tables"]:
+            break  # no tables left to edit (the edit made it a non-list or empty)
     with scratch() as tmp:
         shutil.copytree(artifact, tmp / "art")
         (tmp / "art" / "manifest.json").write_text(json.dumps(raw))
@@ -553,8 +566,11 @@ def test_an_edited_manifest_is_refused_or_served(artifact: Path, data) -> None:
             assert str(tmp / "art") in str(e), str(e)
             return
     keys = [f for t in serving.embedding_bag_configs() for f in t.feature_names]
+    # An edit may flip is_weighted: such a module serves weighted requests (and refuses others).
+    weights = torch.ones(len(keys)) if serving.is_weighted() else None
     kjt = KeyedJaggedTensor(keys=keys, values=torch.zeros(len(keys), dtype=torch.int64),
-                            lengths=torch.ones(len(keys), dtype=torch.int64))  # fmt: skip
+                            lengths=torch.ones(len(keys), dtype=torch.int64),
+                            weights=weights)  # fmt: skip
     assert serving(kjt).values().shape[0] == 1
 
 

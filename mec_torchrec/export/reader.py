@@ -31,15 +31,16 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     return Manifest.from_json(file.read_text(), where=str(file))
 
 
-def expected_shapes(table: TableEntry) -> dict[str, list[int]]:
-    """The tensor shapes the table's configs imply (the manifest's entries must agree)."""
+def expected_shapes(table: TableEntry, where: str) -> dict[str, list[int]]:
+    """The tensor shapes the table's configs imply (the manifest's entries must agree);
+    ``where`` names the table and its blob in errors."""
     n, d = table.num_embeddings, table.embedding_dim
     if not table.compressed:
         return {"weight": [n, d]}
     num_subspaces, k = table.num_subspaces, table.codebook_size
     assert num_subspaces is not None and k is not None
     if d % num_subspaces:
-        raise ArtifactError(f"table {table.name!r}: dim {d} not divisible by L={num_subspaces}")
+        raise ArtifactError(f"{where}: dim {d} not divisible by L={num_subspaces}")
     shapes = {"codes": [n, num_subspaces], "codebooks": [num_subspaces, k, d // num_subspaces]}
     if table.codebook_dtype == "int8":
         shapes.update(codebooks_scale=[num_subspaces, k], codebooks_bias=[num_subspaces, k])
@@ -67,7 +68,7 @@ def read_table(
         )
     if verify and (digest := sha256_file(blob)) != table.sha256:
         raise ArtifactError(f"{where}: sha256 {digest} does not match the manifest's {table.sha256}")
-    expected = expected_shapes(table)
+    expected = expected_shapes(table, where)
     if {k: v.shape for k, v in table.tensors.items()} != expected:
         raise ArtifactError(
             f"{where}: manifest lists tensors {({k: v.shape for k, v in table.tensors.items()})}, "
