@@ -33,7 +33,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     labels = dict(ROWS)
     kinds = {"mec": "MEC", "pq": "plain PQ", "mec-no-pwr": "MEC without PWR",
              "mec-no-contrastive": "MEC without contrastive",
-             "mec-count": "MEC, count sampling (demo setting)"}
+             "mec-count": "MEC, count sampling + count-weighted refit (demo setting)"}
     for key in groups:
         if key not in labels:
             method, *rest = key.split("/")
@@ -135,7 +135,7 @@ def plot(results: dict[str, dict[str, Any]], seed: int, path: Path) -> None:
     series(["qr"], "D", "quotient-remainder (same bytes)")
     series([f"pq-L{MAIN[0]}-K{MAIN[1]}"], "x", "plain PQ L4 K256, retrained")
     series([f"mec-no-pwr-L{MAIN[0]}-K{MAIN[1]}"], "+", "MEC without PWR, retrained")
-    series([f"mec-count-L{MAIN[0]}-K{MAIN[1]}"], "*", "MEC, count sampling, retrained")
+    series([f"mec-count-L{MAIN[0]}-K{MAIN[1]}"], "*", "MEC, count sampling + weighted refit, retrained")
     ax.set_xscale("log")
     ax.set_xlabel("embedding bytes as stored (log)")
     ax.set_ylabel(f"test AUC (seed {seed})")
