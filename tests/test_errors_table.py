@@ -38,6 +38,7 @@ from mec_torchrec.data.spec import (
     load_dataset_spec,
 )
 from mec_torchrec.export import ArtifactError, MECInferenceEmbeddingBagCollection, export_model
+from mec_torchrec.export.format import manifest_checksum
 from mec_torchrec.export.reader import read_manifest
 from mec_torchrec.modules.config import MECTableConfig
 from mec_torchrec.quantize import CompressedTable, TableFileError
@@ -266,14 +267,25 @@ def dlrm_main(
     return command(main, ["--spec", str(tmp / spec), "--out", str(tmp / "out"), *args])
 
 
-def edited_artifact(tmp: Path, table: str, **fields: object) -> Callable[[], object]:
-    """The action: serve an exported artifact whose manifest entry of ``table`` got ``fields``."""
+def exported_with(tmp: Path, edit: Callable[[dict], object], sign: bool) -> Callable[[], object]:
+    """The action: serve an exported artifact whose manifest went through ``edit``, then was
+    signed again (``sign``: so the checks behind its checksum are reached) or not."""
     export_model(make_mec(), tmp / "art", "fp32")
     path = tmp / "art" / "manifest.json"
     raw = json.loads(path.read_text())
-    next(t for t in raw["tables"] if t["name"] == table).update(fields)
+    edit(raw)
+    if sign:
+        raw["manifest_sha256"] = manifest_checksum(raw)
     path.write_text(json.dumps(raw))
     return lambda: MECInferenceEmbeddingBagCollection.load(tmp / "art")
+
+
+def edited_artifact(tmp: Path, table: str, **fields: object) -> Callable[[], object]:
+    """The action: serve an exported artifact whose manifest entry of ``table`` got ``fields``
+    (signed again)."""
+    return exported_with(
+        tmp, lambda raw: next(t for t in raw["tables"] if t["name"] == table).update(fields), True
+    )
 
 
 def manifest(tmp: Path, text: str) -> Callable[[], object]:
@@ -413,6 +425,12 @@ CASES = [
     Case("artifact-manifest-feature-twice",
          lambda t: edited_artifact(t, "t_a", feature_names=["b"]),
          ArtifactError, "the list of feature names is ['b', 'b',"),
+    Case("artifact-manifest-edited",
+         lambda t: exported_with(t, lambda m: m.update(is_weighted=True), sign=False),
+         ArtifactError, "does not match its content"),
+    Case("artifact-manifest-no-checksum",
+         lambda t: exported_with(t, lambda m: m.pop("manifest_sha256"), sign=False),
+         ArtifactError, "manifest.json: no manifest_sha256 (format_version 2 requires one)"),
     # KJTs into MECEmbeddingBagCollection
     Case("kjt-missing-feature", lambda t: kjt(["a"], [1], [1]),
          ValueError, "input KeyedJaggedTensor lacks features ['b']"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +19,12 @@ from mec_torchrec.export import (
     export_model,
     read_manifest,
 )
-from mec_torchrec.export.format import FORMAT_VERSION, encode_codebooks, sha256_file
+from mec_torchrec.export.format import (
+    FORMAT_VERSION,
+    encode_codebooks,
+    manifest_checksum,
+    sha256_file,
+)
 from mec_torchrec.modules import MECEmbeddingBagCollection, MECTableConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -193,6 +199,18 @@ def test_manifest_describes_every_table_and_blob(tmp_path: Path) -> None:
     assert a.full_bytes == 500 * 8 * 4
 
 
+def test_the_manifest_carries_the_sha256_of_its_canonical_json(tmp_path: Path) -> None:
+    written = export_model(make_mec(), tmp_path / "art")
+    raw = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    # The definition, so a tool in any language can check it: every other field, keys sorted,
+    # no spaces.
+    rest = {k: v for k, v in raw.items() if k != "manifest_sha256"}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()
+    assert raw["manifest_sha256"] == hashlib.sha256(canonical).hexdigest()
+    assert raw["manifest_sha256"] == manifest_checksum(raw) == written.manifest_sha256
+    assert read_manifest(tmp_path / "art") == written
+
+
 def test_export_finds_the_mec_module_inside_a_model(tmp_path: Path) -> None:
     mec = make_mec()
     export_model(make_dlrm(mec), tmp_path / "art")
@@ -257,7 +275,9 @@ def test_cli_exports_a_checkpoint_and_inspects_it(tmp_path: Path,
     capsys.readouterr()
     assert cli.main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "format_version" not in text and "v1" in text
+    assert "format_version" not in text and f"v{FORMAT_VERSION}" in text
+    checksum = read_manifest(out).manifest_sha256
+    assert f"manifest_sha256: {checksum} (matches its content)" in text
     for name in ("t_a", "t_b", "t_c", "t_e", "c,d", "fp16", "uint8", "total"):
         assert name in text
     assert cli.main(["inspect", str(tmp_path / "nothing")]) == 2

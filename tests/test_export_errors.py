@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,14 @@ from safetensors.torch import save_file
 from test_export import make_mec
 from torchrec import KeyedJaggedTensor
 
-from mec_torchrec.export import ArtifactError, MECInferenceEmbeddingBagCollection, export_model
-from mec_torchrec.export.format import sha256_file
+from mec_torchrec import cli
+from mec_torchrec.export import (
+    ArtifactError,
+    MECInferenceEmbeddingBagCollection,
+    export_model,
+    read_manifest,
+)
+from mec_torchrec.export.format import manifest_checksum, sha256_file
 from mec_torchrec.export.program import script_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -24,10 +31,14 @@ def artifact(tmp_path: Path) -> Path:
     return tmp_path / "art"
 
 
-def edit_manifest(root: Path, edit) -> None:
+def edit_manifest(root: Path, edit, sign: bool = True) -> None:
+    """Pass the manifest through ``edit``, then sign it again (``sign``: so the checks behind
+    its checksum are reached) or not."""
     path = root / "manifest.json"
     manifest = json.loads(path.read_text())
     edit(manifest)
+    if sign:
+        manifest["manifest_sha256"] = manifest_checksum(manifest)
     path.write_text(json.dumps(manifest))
 
 
@@ -57,10 +68,62 @@ def test_checksum_mismatch_is_refused(artifact: Path) -> None:
         MECInferenceEmbeddingBagCollection.load(artifact)
 
 
-def test_unknown_format_version_is_refused(artifact: Path) -> None:
-    edit_manifest(artifact, lambda m: m.update(format_version=99))
-    with pytest.raises(ArtifactError, match="format_version 99 is not supported"):
+@pytest.mark.parametrize("version", [99, 0, True, 2.0, "2"])
+def test_unknown_format_version_is_refused_naming_the_versions_read(artifact: Path,
+                                                                    version: object) -> None:
+    edit_manifest(artifact, lambda m: m.update(format_version=version))
+    message = rf"format_version {version!r} is not supported \(this code reads versions \[1, 2\]\)"
+    with pytest.raises(ArtifactError, match=message):
         MECInferenceEmbeddingBagCollection.load(artifact)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: table_entry(m, "t_c").update(feature_names=["d", "c"]),
+        lambda m: table_entry(m, "t_a").update(name="t_z"),
+        lambda m: m.update(is_weighted=True),
+        lambda m: m.update(unknown_id_policy="reserved"),
+        lambda m: m.update(format_version=1),
+    ],
+    ids=["feature-names", "table-name", "is-weighted", "unknown-id-policy", "version-1"],
+)
+def test_an_unsigned_manifest_edit_is_refused(artifact: Path, edit, verify: bool) -> None:
+    # Each of these edits is well-formed: without the checksum it was served as written.
+    edit_manifest(artifact, edit, sign=False)
+    path = re.escape(str(artifact / "manifest.json"))
+    with pytest.raises(ArtifactError, match=rf"{path}: manifest_sha256 [0-9a-f]{{64}} does not "
+                                            rf"match its content \([0-9a-f]{{64}}\): edited"):
+        MECInferenceEmbeddingBagCollection.load(artifact, verify=verify)
+
+
+def test_a_version_2_manifest_without_its_checksum_is_refused(artifact: Path) -> None:
+    edit_manifest(artifact, lambda m: m.pop("manifest_sha256"), sign=False)
+    path = re.escape(str(artifact / "manifest.json"))
+    with pytest.raises(ArtifactError, match=rf"{path}: no manifest_sha256 "
+                                            r"\(format_version 2 requires one\)"):
+        MECInferenceEmbeddingBagCollection.load(artifact)
+
+
+def test_a_version_1_manifest_without_a_checksum_loads_and_serves_the_same(artifact: Path) -> None:
+    batch = kjt_with([3, 499, 0])
+    want = MECInferenceEmbeddingBagCollection.load(artifact)(batch).values()
+    # What the writer wrote before the checksum: version 1, no manifest_sha256.
+    edit_manifest(artifact, lambda m: (m.pop("manifest_sha256"), m.update(format_version=1)),
+                  sign=False)  # fmt: skip
+    manifest = read_manifest(artifact)
+    assert (manifest.format_version, manifest.manifest_sha256) == (1, None)
+    got = MECInferenceEmbeddingBagCollection.load(artifact)(batch).values()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_inspect_says_a_version_1_manifest_has_no_checksum(artifact: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    edit_manifest(artifact, lambda m: (m.pop("manifest_sha256"), m.update(format_version=1)),
+                  sign=False)  # fmt: skip
+    assert cli.main(["inspect", str(artifact)]) == 0
+    assert "manifest_sha256: none (a v1 manifest carries none)" in capsys.readouterr().out
 
 
 def test_missing_manifest_is_refused(artifact: Path) -> None:

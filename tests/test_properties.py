@@ -44,6 +44,7 @@ from mec_torchrec.data.spec import (
     load_dataset_spec,
 )
 from mec_torchrec.export import ArtifactError, MECInferenceEmbeddingBagCollection, export_model
+from mec_torchrec.export.format import READABLE_VERSIONS, manifest_checksum
 from mec_torchrec.modules.config import MECTableConfig
 from mec_torchrec.quantize import CompressedTable, TableFileError
 
@@ -521,6 +522,7 @@ def test_a_manifest_whose_L_does_not_divide_the_dim_is_refused_naming_the_blob(a
     raw = json.loads((artifact / "manifest.json").read_text())
     table = next(t for t in raw["tables"] if t.get("num_subspaces"))
     table["num_subspaces"] = table["embedding_dim"] * 2
+    raw["manifest_sha256"] = manifest_checksum(raw)
     with scratch() as tmp:
         shutil.copytree(artifact, tmp / "art")
         (tmp / "art" / "manifest.json").write_text(json.dumps(raw))
@@ -529,12 +531,8 @@ def test_a_manifest_whose_L_does_not_divide_the_dim_is_refused_naming_the_blob(a
         assert str(tmp / "art") in str(error.value)
 
 
-@FEW
-@given(data=st.data())
-def test_an_edited_manifest_is_refused_or_served(artifact: Path, data) -> None:
-    """Any 1-3 field edits (or deletions): an ArtifactError, or a module that serves its own
-    features. (A manifest has no checksum: a well-formed edit is served as written.)"""
-    raw = json.loads((artifact / "manifest.json").read_text())
+def edit_fields(raw: dict, data) -> None:
+    """1-3 random edits (or deletions) of a manifest's fields, its tables' and their tensors'."""
     for _ in range(data.draw(st.integers(1, 3))):
         where = data.draw(st.sampled_from(["top", "table", "tensor"]))
         if where == "top":
@@ -557,6 +555,17 @@ def test_an_edited_manifest_is_refused_or_served(artifact: Path, data) -> None:
             target[key] = data.draw(MANIFEST_VALUES)
         if not isinstance(raw.get("tables"), list) or not raw["tables"]:
             break  # no tables left to edit (the edit made it a non-list or empty)
+
+
+@FEW
+@given(data=st.data())
+def test_an_edited_manifest_is_refused_or_served(artifact: Path, data) -> None:
+    """Any 1-3 field edits (or deletions), signed again: an ArtifactError, or a module that
+    serves its own features (a well-formed edit whose checksum was recomputed is served as
+    written: the checksum catches edits, not a tool that signs them)."""
+    raw = json.loads((artifact / "manifest.json").read_text())
+    edit_fields(raw, data)
+    raw["manifest_sha256"] = manifest_checksum(raw)
     with scratch() as tmp:
         shutil.copytree(artifact, tmp / "art")
         (tmp / "art" / "manifest.json").write_text(json.dumps(raw))
@@ -572,6 +581,29 @@ def test_an_edited_manifest_is_refused_or_served(artifact: Path, data) -> None:
                             lengths=torch.ones(len(keys), dtype=torch.int64),
                             weights=weights)  # fmt: skip
     assert serving(kjt).values().shape[0] == 1
+
+
+@FEW
+@given(data=st.data())
+def test_an_unsigned_manifest_edit_is_refused(artifact: Path, data) -> None:
+    """Any 1-3 field edits (or deletions), not signed again: refused by the checksum, naming the
+    file (or by the version check first, when format_version became one this code does not
+    read), unless the edits left the content as it was."""
+    raw = json.loads((artifact / "manifest.json").read_text())
+    edit_fields(raw, data)
+    version = raw.get("format_version")
+    readable = type(version) is int and version in READABLE_VERSIONS
+    with scratch() as tmp:
+        shutil.copytree(artifact, tmp / "art")
+        (tmp / "art" / "manifest.json").write_text(json.dumps(raw))
+        if manifest_checksum(raw) == raw["manifest_sha256"]:  # e.g. a 500 set to 500
+            event("content unchanged")
+            MECInferenceEmbeddingBagCollection.load(tmp / "art")
+            return
+        message = "does not match its content" if readable else "is not supported"
+        with pytest.raises(ArtifactError, match=message) as error:
+            MECInferenceEmbeddingBagCollection.load(tmp / "art")
+        assert str(tmp / "art" / "manifest.json") in str(error.value)
 
 
 # -- id remap --------------------------------------------------------------------------------

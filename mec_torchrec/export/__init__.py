@@ -9,7 +9,7 @@ load_test(serving, requests, threads=4, seconds=5.0)             # concurrent-re
 quantize_inference_model(model, quantization_mapping=MEC_QUANT_MAPPING)
 """
 
-from mec_torchrec.export.format import ArtifactError, Manifest
+from mec_torchrec.export.format import ArtifactError, Manifest, manifest_checksum
 from mec_torchrec.export.inference import MECInferenceEmbeddingBagCollection
 from mec_torchrec.export.kernels import load_ops
 from mec_torchrec.export.load import LoadResult, load_test
@@ -28,6 +28,7 @@ __all__ = [
     "export_program",
     "load_ops",
     "load_test",
+    "manifest_checksum",
     "read_manifest",
     "script_model",
 ]

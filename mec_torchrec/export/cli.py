@@ -90,8 +90,15 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
+def _checksum_line(manifest: Manifest) -> str:
+    if manifest.manifest_sha256 is None:
+        return f"manifest_sha256: none (a v{manifest.format_version} manifest carries none)"
+    return f"manifest_sha256: {manifest.manifest_sha256} (matches its content)"
+
+
 def describe(manifest: Manifest, path: object) -> str:
-    """The manifest as a table: one line per table, totals and the ratio (codes counted)."""
+    """The manifest as a table: its checksum, one line per table, totals and the ratio (codes
+    counted)."""
     header = (
         f"{'table':<16} {'features':<16} {'rows':>10} {'dim':>4} {'L':>3} {'K':>6} "
         f"{'codes':>6} {'books':>5} {'pool':>4} {'MiB':>9} {'fp32 MiB':>9} {'ratio':>7}"
@@ -101,6 +108,7 @@ def describe(manifest: Manifest, path: object) -> str:
             f"{path}: {manifest.format} v{manifest.format_version}, {len(manifest.tables)} "
             f"tables, weighted={manifest.is_weighted}, unknown ids: {manifest.unknown_id_policy}"
         ),
+        _checksum_line(manifest),
         header,
         "-" * len(header),
     ]

@@ -2,29 +2,34 @@
 
 An artifact is a folder::
 
-    manifest.json          format name and version, per table: configs, tensors, blob size + sha256
+    manifest.json          format name and version, per table: configs, tensors, blob size + sha256;
+                           its own sha256 (manifest_sha256, since version 2)
     tables/<table>.safetensors
 
 A compressed table's blob holds ``codes`` [N, L] (uint8 / int16 / int32) and ``codebooks``
 [L, K, D / L] in the chosen codebook dtype (``fp32``, ``fp16``, or ``int8`` with per-row
 ``codebooks_scale`` / ``codebooks_bias`` float32 [L, K]); a full table's blob holds ``weight``
 [N, D] float32. Everything a reader needs to check a blob is in the manifest, so a blob that is
-missing, truncated, altered or of another shape is refused before any tensor is used.
+missing, truncated, altered or of another shape is refused before any tensor is used; and the
+manifest's own checksum makes an edited manifest refused too, not served as written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 FORMAT = "mec_torchrec.serving"
-FORMAT_VERSION = 1
+# Version 2 adds manifest_sha256; version 1 manifests (written before it) still load without one.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+CHECKSUM = "manifest_sha256"
 CODEBOOK_DTYPES = ("fp32", "fp16", "int8")
 
 _DTYPES = {
@@ -39,6 +44,18 @@ _DTYPES = {
 
 class ArtifactError(ValueError):
     """An artifact that cannot be served: names the file and what was expected."""
+
+
+def manifest_checksum(raw: dict) -> str:
+    """Hex sha256 of a manifest's canonical JSON: every field but ``manifest_sha256``, keys
+    sorted, no spaces (``json.dumps(..., sort_keys=True, separators=(",", ":"))``).
+
+    The writer stores it as ``manifest_sha256``; a tool that edits a manifest on purpose signs it
+    again with ``raw["manifest_sha256"] = manifest_checksum(raw)``.
+    """
+    fields = {k: v for k, v in raw.items() if k != CHECKSUM}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -110,7 +127,11 @@ class TableEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The artifact's table of contents (``manifest.json``)."""
+    """The artifact's table of contents (``manifest.json``).
+
+    ``manifest_sha256`` is :func:`manifest_checksum` of the other fields, as read or written
+    (None for a version 1 manifest, which carries none).
+    """
 
     tables: list[TableEntry]
     is_weighted: bool = False
@@ -118,17 +139,28 @@ class Manifest:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     source: dict[str, Any] = field(default_factory=dict)
+    manifest_sha256: str | None = None
+
+    def signed(self) -> Manifest:
+        """This manifest with ``manifest_sha256`` set to the checksum of its other fields."""
+        return replace(self, manifest_sha256=manifest_checksum(asdict(self)))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        """The manifest as written: every field, signed."""
+        return json.dumps(asdict(self.signed()), indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST) -> Manifest:
-        """Parse and check the format name and version before anything else.
+        """Parse and check the format name, the version and the checksum before anything else.
+
+        A version 2 manifest must carry ``manifest_sha256`` and match it, so an edit is refused,
+        not served as written. Version 1 manifests (written before the checksum) load without
+        one; a checksum present is checked whatever the version (a version 2 manifest edited
+        to say 1 still fails it).
 
         Raises:
-            ArtifactError: not JSON, another format, a version this code does not read, or a
-                field missing.
+            ArtifactError: not JSON, another format, a version this code does not read, a
+                checksum missing or not matching the content, or a field missing.
         """
         try:
             raw = json.loads(text)
@@ -138,11 +170,13 @@ class Manifest:
             raise ArtifactError(f"{where}: expected a JSON object, got {type(raw).__name__}")
         if raw.get("format") != FORMAT:
             raise ArtifactError(f"{where}: format {raw.get('format')!r}, expected {FORMAT!r}")
-        if raw.get("format_version") != FORMAT_VERSION:
+        version = raw.get("format_version")
+        if not _is_int(version, 0) or version not in READABLE_VERSIONS:
             raise ArtifactError(
-                f"{where}: format_version {raw.get('format_version')!r} is not supported "
-                f"(this code reads version {FORMAT_VERSION})"
+                f"{where}: format_version {version!r} is not supported "
+                f"(this code reads versions {list(READABLE_VERSIONS)})"
             )
+        _check_checksum(raw, version, where)
         try:
             tables = [
                 TableEntry(
@@ -157,7 +191,9 @@ class Manifest:
                 tables=tables,
                 is_weighted=raw["is_weighted"],
                 unknown_id_policy=raw["unknown_id_policy"],
+                format_version=version,
                 source=raw.get("source", {}),
+                manifest_sha256=raw.get(CHECKSUM),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(f"{where}: malformed manifest ({e!r})") from e
@@ -167,9 +203,11 @@ class Manifest:
     def check(self, where: str = MANIFEST) -> None:
         """Every field of the right type and in range, names unique, blobs inside the folder.
 
+        These catch a manifest written wrong; an edit of a written one is caught before, by
+        its checksum (:meth:`from_json`), except in a version 1 manifest, which has none.
+
         Raises:
-            ArtifactError: naming the table and field (a manifest carries no checksum of its
-                own: a well-formed edit, say of a feature name, is served as written).
+            ArtifactError: naming the table and field.
         """
 
         def need(ok: bool, field: str, value: object, expected: str) -> None:
@@ -200,6 +238,20 @@ class Manifest:
 
 def _is_int(value: object, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_checksum(raw: dict, version: int, where: str) -> None:
+    """``manifest_sha256`` is required from version 2 and checked wherever present."""
+    stored = raw.get(CHECKSUM)
+    if stored is None:
+        if version >= 2:
+            raise ArtifactError(f"{where}: no {CHECKSUM} (format_version {version} requires one)")
+        return
+    if stored != (computed := manifest_checksum(raw)):
+        raise ArtifactError(
+            f"{where}: {CHECKSUM} {stored} does not match its content ({computed}): "
+            f"edited or damaged"
+        )
 
 
 def _check_table(t: TableEntry, table: str, need) -> None:

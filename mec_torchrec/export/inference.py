@@ -148,6 +148,7 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
     ) -> "MECInferenceEmbeddingBagCollection":
         """Serve the artifact folder ``path`` (written by ``export_model``).
 
+        The manifest is checked against its own ``manifest_sha256`` first (always: it is small).
         Blobs are memory-mapped (on CPU codes and full tables stay views of the files); each is
         checked against the manifest: presence, size, sha256 (skipped with ``verify=False``, for
         a fast start from a trusted disk), tensor names, dtypes and shapes, code range.

@@ -24,7 +24,7 @@ from mec_torchrec.export.format import (
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """The manifest of the artifact folder ``path`` (format and version checked)."""
+    """The manifest of the artifact folder ``path`` (format, version and checksum checked)."""
     file = Path(path) / MANIFEST
     if not file.exists():
         raise ArtifactError(f"{path}: no {MANIFEST} (not an artifact, or an interrupted export)")

@@ -47,7 +47,7 @@ def export_model(
             configs (default: table ``t_X`` serves feature ``X``, SUM pooling).
 
     Returns:
-        The manifest as written.
+        The manifest as written (signed: ``manifest_sha256`` set).
 
     Example::
 
@@ -104,7 +104,7 @@ def write_artifact(
             is_weighted=tables.is_weighted,
             unknown_id_policy=tables.unknown_id_policy,
             source=dict(source or {}),
-        )
+        ).signed()
         (tmp / MANIFEST).write_text(manifest.to_json())
         for f in [tmp / MANIFEST, *(tmp / "tables").iterdir()]:
             with open(f, "rb") as handle:
