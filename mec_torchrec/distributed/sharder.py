@@ -19,6 +19,7 @@ distribution work and the planner plans the inner tables (`t@0 .. t@{L-1}`, full
 """
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,6 +52,7 @@ from mec_torchrec.distributed.codes import (
     ShardedCodes,
     split_plan,
 )
+from mec_torchrec.distributed.data_parallel import FusedDataParallelTables, fusable_tables
 from mec_torchrec.distributed.regroup import ShardedRegroup, regrouped
 from mec_torchrec.modules import MECEmbeddingBagCollection
 
@@ -93,6 +95,15 @@ def _broadcast_codes(codes: nn.Module, pg: dist.ProcessGroup) -> None:
     src = dist.get_global_rank(pg, 0)
     for buffer in codes.buffers():
         dist.broadcast(buffer, src=src, group=pg)
+
+
+@dataclass
+class MECEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
+    """The stock context plus the ids the fused data-parallel path pools (see
+    `data_parallel.py`), carried from `input_dist` to `compute` (pipelines keep one per batch)."""
+
+    fused_input: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    fused_output: torch.Tensor | None = None
 
 
 class ShardedMECEmbeddingBagCollection(
@@ -176,9 +187,18 @@ class ShardedMECEmbeddingBagCollection(
         # codebooks are neither registered here nor saved twice.
         self._remap: Callable[..., KeyedJaggedTensor] = module.remap
         self._regroup = ShardedRegroup(module.regroup)
+        tables = fusable_tables(module, codebook_plan, device) if self._code_source is None else []
+        self._fused: FusedDataParallelTables | None = (
+            FusedDataParallelTables(module, tables, self.codes, self.codebooks) if tables else None
+        )
 
-    def create_context(self) -> EmbeddingBagCollectionContext:
-        return self.codebooks.create_context()
+    @property
+    def fused_tables(self) -> FusedDataParallelTables | None:
+        """The compressed tables pooled by the fused kernel from raw ids, if any."""
+        return self._fused
+
+    def create_context(self) -> MECEmbeddingBagCollectionContext:
+        return MECEmbeddingBagCollectionContext()
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The code-id KJT of ``features`` (as the unsharded module's ``remap``), read locally
@@ -189,26 +209,46 @@ class ShardedMECEmbeddingBagCollection(
     def input_dist(  # type: ignore[override]
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
-        """Remaps ids to code ids (`remap`), then runs the stock input all-to-all on code ids."""
-        return self.codebooks.input_dist(ctx, self.remap(features))
+        """Remaps ids to code ids (`remap`), then runs the stock input all-to-all on code ids.
+
+        Features of the fused data-parallel tables skip the remap: their ids wait in `ctx` for
+        `compute`, and the stock lookup sees their sub-features as empty bags.
+        """
+        if self._fused is None:
+            return self.codebooks.input_dist(ctx, self.remap(features))
+        with torch.no_grad():
+            stock, ctx.fused_input = self._fused.split(features)
+        return self.codebooks.input_dist(ctx, stock)
 
     def compute(
         self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList
     ) -> list[torch.Tensor]:
+        self._pool_fused(ctx)
         return self.codebooks.compute(ctx, dist_input)
 
     def output_dist(
         self, ctx: EmbeddingBagCollectionContext, output: list[torch.Tensor]
     ) -> LazyAwaitable[KeyedTensor]:
-        return self._with_regroup(self.codebooks.output_dist(ctx, output))
+        return self._with_regroup(ctx, self.codebooks.output_dist(ctx, output))
 
     def compute_and_output_dist(
         self, ctx: EmbeddingBagCollectionContext, input: KJTList
     ) -> LazyAwaitable[KeyedTensor]:
-        return self._with_regroup(self.codebooks.compute_and_output_dist(ctx, input))
+        self._pool_fused(ctx)
+        return self._with_regroup(ctx, self.codebooks.compute_and_output_dist(ctx, input))
 
-    def _with_regroup(self, pooled: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
-        return regrouped(pooled, self._regroup)
+    def _pool_fused(self, ctx: EmbeddingBagCollectionContext) -> None:
+        if self._fused is not None:
+            ctx.fused_output = self._fused.pool(ctx.fused_input)
+            ctx.fused_input = None
+
+    def _with_regroup(
+        self, ctx: EmbeddingBagCollectionContext, pooled: LazyAwaitable[KeyedTensor]
+    ) -> LazyAwaitable[KeyedTensor]:
+        if self._fused is None:
+            return regrouped(pooled, self._regroup)
+        fused, ctx.fused_output = ctx.fused_output, None
+        return regrouped(pooled, self._fused.merged(self._regroup, fused))
 
     def load_compressed(self, name: str, table: "CompressedTable") -> None:
         """Fills table `name`'s codes (every rank) and its codebook shards from `table`.
