@@ -32,12 +32,13 @@ from dist_models import (
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import Topology
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import LazyAwaitable, ShardingEnv
+from torchrec.distributed.types import LazyAwaitable, ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.sparse.jagged_tensor import KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mec_torchrec.distributed import load_mec_state, make_planner
 from mec_torchrec.distributed.codes import ShardedCodes, codes_sharding
@@ -540,7 +541,45 @@ def check_fused_training_equals_stock(kind: str, optimizer_name: str) -> None:
         )
 
 
+def check_fused_without_other_tables() -> None:
+    """A module of compressed tables only: no feature is left for the remap."""
+    tables = [t for t in TABLES if t.name in COMPRESSION]
+    sharder = sharders()[-1]
+    meta = MECEmbeddingBagCollection(tables, COMPRESSION, device=torch.device("meta"))
+    module_plan = construct_module_sharding_plan(
+        meta,
+        {name: data_parallel() for name in sharder.shardable_parameters(meta)},
+        sharder=sharder,
+        local_size=dist.get_world_size(),
+        world_size=dist.get_world_size(),
+        device_type="cpu",
+    )
+    dmp = DistributedModelParallel(
+        torch.nn.ModuleDict({"sparse": meta}),
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=CPU,
+        plan=ShardingPlan({"sparse": module_plan}),
+        sharders=sharders(),
+    )
+    reference = MECEmbeddingBagCollection(tables, COMPRESSION)
+    load_mec_state(reference, compressed_tables(SEED))
+    load_mec_state(dmp, compressed_tables(SEED))
+    sharded = dmp.module.sparse
+    assert sharded.fused_tables is not None
+    features = batch(800 + dist.get_rank()).sparse_features
+    features = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f_a", "f_a2", "f_b"],
+        values=torch.cat([features[f].values() for f in ("f_a", "f_a2", "f_b")]),
+        lengths=torch.cat([features[f].lengths() for f in ("f_a", "f_a2", "f_b")]),
+    )
+    got = sharded(features)
+    got = (got.wait() if isinstance(got, LazyAwaitable) else got).to_dict()
+    for feature, tensor in reference(features).to_dict().items():
+        torch.testing.assert_close(got[feature], tensor, rtol=1e-6, atol=1e-6)
+
+
 def data_parallel_body(recorder: CheckRecorder, kinds: list[str]) -> None:
+    recorder.run("only_compressed_tables", check_fused_without_other_tables)
     for kind in kinds:
         recorder.run(f"path[{kind}]", check_fused_path_taken, kind)
         recorder.run(f"forward[{kind}]", check_fused_forward_equals_stock, kind)

@@ -31,3 +31,9 @@ def test_fused_path_training_equals_the_remap_path(
     results: list[dict[str, str]], kind: str, optimizer: str
 ) -> None:
     assert_check(results, f"training[{kind},{optimizer}]")
+
+
+def test_fused_path_serves_a_module_of_compressed_tables_only(
+    results: list[dict[str, str]],
+) -> None:
+    assert_check(results, "only_compressed_tables")

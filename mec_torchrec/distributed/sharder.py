@@ -16,6 +16,11 @@ side (see `regroup.py`).
 
 Every learnable row lives in the inner `codebooks` EBC, so the stock EBC sharder does all the
 distribution work and the planner plans the inner tables (`t@0 .. t@{L-1}`, full tables as-is).
+
+On CPU, a compressed table whose codebooks are all data_parallel and whose codes are replicated
+skips the remap and the stock lookup: the fused kernel pools it from raw ids, reading the
+codebooks as views of the stock data-parallel lookup's weight (see `data_parallel.py`; a module
+built with `kernel="tbe"` keeps the path above).
 """
 
 from collections.abc import Callable, Iterator
