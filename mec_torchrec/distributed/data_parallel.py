@@ -19,6 +19,7 @@ CUDA, ``kernel="tbe"``) keeps the remap path.
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.batched_embedding_kernel import BatchedDenseEmbeddingBag
+from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.types import ParameterSharding, ShardingType
 from torchrec.modules.embedding_configs import PoolingType
@@ -118,6 +119,16 @@ class FusedDataParallelTables:
         self._dropped = set(fused.lookup_features)
         self._weights = self._weight_groups(codebooks, fused)
         self._column_plans: dict[tuple[str, ...], list[tuple[int, int, int]]] = {}
+        self._codebooks = codebooks
+        # Data-parallel lookups that see fused sub-features only: they run on one empty sample.
+        self._idle = [
+            i
+            for i, (kind, sharding) in enumerate(
+                zip(codebooks._sharding_types, codebooks._embedding_shardings)
+            )
+            if kind == ShardingType.DATA_PARALLEL.value
+            and set(sharding.feature_names()) <= self._dropped
+        ]
         #: Calls of the fused kernel, for tests and benchmarks.
         self.calls = 0
 
@@ -210,6 +221,26 @@ class FusedDataParallelTables:
             stride=stride,
         )
         return stock, fused
+
+    def stock_input(self, dist_input: KJTList) -> KJTList:
+        """``dist_input`` with the idle data-parallel lookups' inputs cut to one empty sample.
+
+        Their outputs are dropped (``merge``), so only their batch size costs: the dense TBE
+        would write B all-zero rows. Not done when the stock awaitable itself concatenates the
+        per-sharding outputs (mean-pooling callbacks), which needs equal batch sizes.
+        """
+        if not self._idle or self._codebooks._has_mean_pooling_callback:
+            return dist_input
+        out = list(dist_input)
+        for i in self._idle:
+            features = out[i]
+            out[i] = KeyedJaggedTensor(
+                keys=features.keys(),
+                values=features.values()[:0],
+                lengths=features.lengths().new_zeros(len(features.keys())),
+                stride=1,
+            )
+        return KJTList(out)
 
     def pool(self, fused: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
         """Pooled fused sub-features [B, sum of their dims], in the fused layout's lookup order."""

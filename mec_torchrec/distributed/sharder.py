@@ -228,7 +228,7 @@ class ShardedMECEmbeddingBagCollection(
     def compute(
         self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList
     ) -> list[torch.Tensor]:
-        self._pool_fused(ctx)
+        dist_input = self._pool_fused(ctx, dist_input)
         return self.codebooks.compute(ctx, dist_input)
 
     def output_dist(
@@ -239,13 +239,15 @@ class ShardedMECEmbeddingBagCollection(
     def compute_and_output_dist(
         self, ctx: EmbeddingBagCollectionContext, input: KJTList
     ) -> LazyAwaitable[KeyedTensor]:
-        self._pool_fused(ctx)
+        input = self._pool_fused(ctx, input)
         return self._with_regroup(ctx, self.codebooks.compute_and_output_dist(ctx, input))
 
-    def _pool_fused(self, ctx: EmbeddingBagCollectionContext) -> None:
-        if self._fused is not None:
-            ctx.fused_output = self._fused.pool(ctx.fused_input)
-            ctx.fused_input = None
+    def _pool_fused(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> KJTList:
+        if self._fused is None:
+            return dist_input
+        ctx.fused_output = self._fused.pool(ctx.fused_input)
+        ctx.fused_input = None
+        return self._fused.stock_input(dist_input)
 
     def _with_regroup(
         self, ctx: EmbeddingBagCollectionContext, pooled: LazyAwaitable[KeyedTensor]
