@@ -10,7 +10,8 @@ The kernel reads each codebook as a *view* of the flat weight of the stock data-
 checkpoints, DDP's gradient all-reduce and the dense optimizer are untouched: the views'
 gradients accumulate into that flat weight. The stock lookup still sees the sub-features
 ``f@0 .. f@{L-1}`` (its input dist needs every feature) but with empty bags, and their all-zero
-columns are dropped from its output.
+columns are dropped from its output; a data-parallel lookup that serves only such sub-features
+runs on one empty sample (its output stays in the backward graph, without a gradient, for DDP).
 
 Everything else (full tables, other sharding types, sharded codes, mean pooling, per-id weights,
 CUDA, ``kernel="tbe"``) keeps the remap path.
@@ -56,6 +57,19 @@ def fusable_tables(
             out.append(config.name)
     if out and not _fused.available():
         return []
+    return out
+
+
+def held_by_dense_tbe(
+    module: MECEmbeddingBagCollection, tables: list[str], codebooks: ShardedEmbeddingBagCollection
+) -> list[str]:
+    """Those of ``tables`` whose codebooks all sit whole in a dense TBE of ``codebooks``."""
+    dense = _dense_tables(codebooks)
+    out = []
+    for name in tables:
+        subspaces = module.compression[name].num_subspaces
+        if all(sub_name(name, s) in dense for s in range(subspaces)):
+            out.append(name)
     return out
 
 
@@ -113,7 +127,7 @@ class FusedDataParallelTables:
         self._fused_features = [index[f] for f in fused.features]
         self._rest_features = [index[f] for f in rest.features] if rest is not None else []
         self._order = torch.tensor(self._rest_features + self._fused_features, dtype=torch.int32)
-        self.stock_features = (
+        self._stock_features = (
             rest.lookup_features if rest is not None else []
         ) + fused.lookup_features
         self._dropped = set(fused.lookup_features)
@@ -137,11 +151,6 @@ class FusedDataParallelTables:
         codebooks: ShardedEmbeddingBagCollection, fused: MECLayout
     ) -> tuple[list[_WeightGroup], list[int]]:
         dense = _dense_tables(codebooks)
-        missing = [t.name for t in fused.inner_tables if t.name not in dense]
-        if missing:
-            raise ValueError(
-                f"codebooks {missing} are planned data_parallel but no dense TBE holds them"
-            )
         by_module: dict[int, list[tuple[int, int, int, int]]] = {}
         modules = {}
         for position, table in enumerate(fused.inner_tables):
@@ -215,7 +224,7 @@ class FusedDataParallelTables:
             rest_values = values[:0].to(torch.int64)
         empty = torch.zeros(len(self._fused.lookup_features) * stride, dtype=lengths.dtype)
         stock = KeyedJaggedTensor(
-            keys=self.stock_features,
+            keys=self._stock_features,
             values=rest_values,
             lengths=torch.cat([rest_lengths, empty]),
             stride=stride,

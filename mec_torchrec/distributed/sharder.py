@@ -57,7 +57,11 @@ from mec_torchrec.distributed.codes import (
     ShardedCodes,
     split_plan,
 )
-from mec_torchrec.distributed.data_parallel import FusedDataParallelTables, fusable_tables
+from mec_torchrec.distributed.data_parallel import (
+    FusedDataParallelTables,
+    fusable_tables,
+    held_by_dense_tbe,
+)
 from mec_torchrec.distributed.regroup import ShardedRegroup, regrouped
 from mec_torchrec.modules import MECEmbeddingBagCollection
 
@@ -193,6 +197,7 @@ class ShardedMECEmbeddingBagCollection(
         self._remap: Callable[..., KeyedJaggedTensor] = module.remap
         self._regroup = ShardedRegroup(module.regroup)
         tables = fusable_tables(module, codebook_plan, device) if self._code_source is None else []
+        tables = held_by_dense_tbe(module, tables, self.codebooks)
         self._fused: FusedDataParallelTables | None = (
             FusedDataParallelTables(module, tables, self.codes, self.codebooks) if tables else None
         )
