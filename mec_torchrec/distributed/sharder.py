@@ -125,7 +125,7 @@ class ShardedMECEmbeddingBagCollection(
     `ShardedCodes` holding each rank's rows when the plan shards some code tables) and
     `codebooks` (a `ShardedEmbeddingBagCollection` built by the stock sharder from the plan).
     Output: a `KeyedTensor` with the unsharded module's keys and per-key tensors, keys in sharding
-    order (like TorchRec's sharded EBC).
+    order (like TorchRec's sharded EBC; features of fused data-parallel tables last).
 
     Args:
         module: the unsharded MEC module (its `codes` container is reused, not copied).
