@@ -96,10 +96,11 @@ def reference_model(seed: int) -> TinyModel:
     return model
 
 
-def meta_model() -> TinyModel:
+def meta_model(kernel: str = "auto") -> TinyModel:
     """The same model on the meta device: what DMP shards without allocating full tensors."""
     meta = torch.device("meta")
-    return TinyModel(MECEmbeddingBagCollection(TABLES, COMPRESSION, device=meta), device=meta)
+    mec = MECEmbeddingBagCollection(TABLES, COMPRESSION, device=meta, kernel=kernel)
+    return TinyModel(mec, device=meta)
 
 
 def batch(seed: int, batch_size: int = BATCH_SIZE) -> Batch:

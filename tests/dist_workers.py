@@ -32,12 +32,13 @@ from dist_models import (
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import Topology
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import LazyAwaitable, ShardingEnv
+from torchrec.distributed.types import LazyAwaitable, ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.sparse.jagged_tensor import KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mec_torchrec.distributed import load_mec_state, make_planner
 from mec_torchrec.distributed.codes import ShardedCodes, codes_sharding
@@ -50,10 +51,10 @@ SEED = 7
 CPU = torch.device("cpu")
 
 
-def wrap(kind: str, seed: int | None = None) -> DistributedModelParallel:
+def wrap(kind: str, seed: int | None = None, kernel: str = "auto") -> DistributedModelParallel:
     """DMP over the meta model with a `kind` plan; filled from `reference_model(seed)` unless None."""
     dmp = DistributedModelParallel(
-        meta_model(),
+        meta_model(kernel),
         env=ShardingEnv.from_process_group(dist.group.WORLD),
         device=CPU,
         plan=plan(kind, dist.get_world_size(), dist.group.WORLD),
@@ -484,3 +485,103 @@ def check_codes_fetch_mixed_tables() -> None:
     for (name, codes), part, rows in zip(full.items(), ids, got):
         assert rows.dtype == codes.dtype, (name, rows.dtype)
         assert torch.equal(rows, codes[part]), name
+
+
+# -- fused data-parallel codebooks (tests/test_distributed_data_parallel.py) ----------------------
+
+
+def dense_optimizer(dmp: DistributedModelParallel, name: str) -> CombinedOptimizer:
+    make = {
+        "sgd": lambda params: torch.optim.SGD(params, lr=LR),
+        "adagrad": lambda params: torch.optim.Adagrad(params, lr=LR),
+    }[name]
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), make)
+    return CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+def check_fused_path_taken(kind: str) -> None:
+    fused = wrap(kind, SEED).module.sparse
+    assert wrap(kind, SEED, kernel="tbe").module.sparse.fused_tables is None
+    tables = fused.fused_tables
+    assert tables is not None
+    features = batch(500).sparse_features
+    stock, _ = tables.split(features)
+    sub_features = ["f_a@0", "f_a@1", "f_a2@0", "f_a2@1", "f_b@0", "f_b@1"]
+    assert all(stock[f].values().numel() == 0 for f in sub_features), stock
+    calls = tables.calls
+    out = fused(features)
+    out = out.wait() if isinstance(out, LazyAwaitable) else out
+    assert tables.calls == calls + 1
+
+
+def check_fused_forward_equals_stock(kind: str) -> None:
+    fused, stock = wrap(kind, SEED), wrap(kind, SEED, kernel="tbe")
+    for i in range(3):
+        seed = 600 + 10 * dist.get_rank() + i
+        got, want = pooled(fused, seed).to_dict(), pooled(stock, seed).to_dict()
+        assert sorted(got) == sorted(want), (list(got), list(want))
+        for feature, tensor in want.items():
+            torch.testing.assert_close(got[feature], tensor, rtol=1e-6, atol=1e-6)
+
+
+def check_fused_training_equals_stock(kind: str, optimizer_name: str) -> None:
+    models = [wrap(kind, SEED), wrap(kind, SEED, kernel="tbe")]
+    optimizers = [dense_optimizer(m, optimizer_name) for m in models]
+    for step in range(3):
+        for model, opt in zip(models, optimizers):
+            loss, _ = model(batch(700 + 10 * dist.get_rank() + step))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    got, want = (m.state_dict() for m in models)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(
+            local_values(got[key]), local_values(want[key]), rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}"
+        )
+
+
+def check_fused_without_other_tables() -> None:
+    """A module of compressed tables only: no feature is left for the remap."""
+    tables = [t for t in TABLES if t.name in COMPRESSION]
+    sharder = sharders()[-1]
+    meta = MECEmbeddingBagCollection(tables, COMPRESSION, device=torch.device("meta"))
+    module_plan = construct_module_sharding_plan(
+        meta,
+        {name: data_parallel() for name in sharder.shardable_parameters(meta)},
+        sharder=sharder,
+        local_size=dist.get_world_size(),
+        world_size=dist.get_world_size(),
+        device_type="cpu",
+    )
+    dmp = DistributedModelParallel(
+        torch.nn.ModuleDict({"sparse": meta}),
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=CPU,
+        plan=ShardingPlan({"sparse": module_plan}),
+        sharders=sharders(),
+    )
+    reference = MECEmbeddingBagCollection(tables, COMPRESSION)
+    load_mec_state(reference, compressed_tables(SEED))
+    load_mec_state(dmp, compressed_tables(SEED))
+    sharded = dmp.module.sparse
+    assert sharded.fused_tables is not None
+    features = batch(800 + dist.get_rank()).sparse_features
+    features = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f_a", "f_a2", "f_b"],
+        values=torch.cat([features[f].values() for f in ("f_a", "f_a2", "f_b")]),
+        lengths=torch.cat([features[f].lengths() for f in ("f_a", "f_a2", "f_b")]),
+    )
+    got = sharded(features)
+    got = (got.wait() if isinstance(got, LazyAwaitable) else got).to_dict()
+    for feature, tensor in reference(features).to_dict().items():
+        torch.testing.assert_close(got[feature], tensor, rtol=1e-6, atol=1e-6)
+
+
+def data_parallel_body(recorder: CheckRecorder, kinds: list[str]) -> None:
+    recorder.run("only_compressed_tables", check_fused_without_other_tables)
+    for kind in kinds:
+        recorder.run(f"path[{kind}]", check_fused_path_taken, kind)
+        recorder.run(f"forward[{kind}]", check_fused_forward_equals_stock, kind)
+        for name in ("sgd", "adagrad"):
+            recorder.run(f"training[{kind},{name}]", check_fused_training_equals_stock, kind, name)

@@ -1,12 +1,15 @@
 """The MEC sharder's contract, checked without a process group: what it plans, what it refuses,
 and how load_mec_state reports tables it cannot place."""
 
+import dataclasses
+
 import pytest
 import torch
 from dist_models import COMPRESSION, TABLES, compressed_tables, reference_mec
 from torchrec import EmbeddingBagConfig, PoolingType
 from torchrec.distributed.sharding_plan import (
     construct_module_sharding_plan,
+    data_parallel,
     row_wise,
     table_row_wise,
     table_wise,
@@ -14,6 +17,7 @@ from torchrec.distributed.sharding_plan import (
 from torchrec.distributed.types import ShardingEnv
 
 from mec_torchrec.distributed import MECEmbeddingBagCollectionSharder, load_mec_state
+from mec_torchrec.distributed.data_parallel import fusable_tables
 from mec_torchrec.modules import MECEmbeddingBagCollection, MECTableConfig
 
 CPU = torch.device("cpu")
@@ -79,3 +83,30 @@ def test_load_mec_state_rejects_mixed_tensors_and_tables() -> None:
     state = {"codes.t_a": torch.zeros(97, 2), "t_b": compressed_tables(7)["t_b"]}
     with pytest.raises(TypeError, match="mixes"):
         load_mec_state(mec, state)
+
+
+def _data_parallel_plan(mec: MECEmbeddingBagCollection, **overrides) -> dict:
+    sharder = MECEmbeddingBagCollectionSharder()
+    per_table = {name: data_parallel() for name in sharder.shardable_parameters(mec)}
+    per_table.update(overrides)
+    return construct_module_sharding_plan(
+        mec, per_table, sharder=sharder, local_size=2, world_size=2, device_type="cpu",
+    )
+
+
+def test_fused_path_serves_compressed_tables_with_all_codebooks_data_parallel() -> None:
+    mec = MECEmbeddingBagCollection(TABLES, COMPRESSION)
+    plan = _data_parallel_plan(mec, **{"t_b@1": table_wise(rank=0)})
+    assert fusable_tables(mec, plan, CPU) == ["t_a"]
+
+
+def test_fused_path_leaves_mean_pooled_weighted_and_tbe_modules_on_the_remap_path() -> None:
+    mean = [dataclasses.replace(t, pooling=PoolingType.MEAN) for t in TABLES]
+    for mec in (
+        MECEmbeddingBagCollection(mean, COMPRESSION),
+        MECEmbeddingBagCollection(TABLES, COMPRESSION, is_weighted=True),
+        MECEmbeddingBagCollection(TABLES, COMPRESSION, kernel="tbe"),
+    ):
+        assert fusable_tables(mec, _data_parallel_plan(mec), CPU) == []
+    mec = MECEmbeddingBagCollection(TABLES, COMPRESSION)
+    assert fusable_tables(mec, _data_parallel_plan(mec), torch.device("cuda")) == []

@@ -16,9 +16,15 @@ side (see `regroup.py`).
 
 Every learnable row lives in the inner `codebooks` EBC, so the stock EBC sharder does all the
 distribution work and the planner plans the inner tables (`t@0 .. t@{L-1}`, full tables as-is).
+
+On CPU, a compressed table whose codebooks are all data_parallel and whose codes are replicated
+skips the remap and the stock lookup: the fused kernel pools it from raw ids, reading the
+codebooks as views of the stock data-parallel lookup's weight (see `data_parallel.py`; a module
+built with `kernel="tbe"` keeps the path above).
 """
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,6 +56,11 @@ from mec_torchrec.distributed.codes import (
     RemoteCodeSource,
     ShardedCodes,
     split_plan,
+)
+from mec_torchrec.distributed.data_parallel import (
+    FusedDataParallelTables,
+    fusable_tables,
+    held_by_dense_tbe,
 )
 from mec_torchrec.distributed.regroup import ShardedRegroup, regrouped
 from mec_torchrec.modules import MECEmbeddingBagCollection
@@ -95,6 +106,15 @@ def _broadcast_codes(codes: nn.Module, pg: dist.ProcessGroup) -> None:
         dist.broadcast(buffer, src=src, group=pg)
 
 
+@dataclass
+class MECEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
+    """The stock context plus the ids the fused data-parallel path pools (see
+    `data_parallel.py`), carried from `input_dist` to `compute` (pipelines keep one per batch)."""
+
+    fused_input: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    fused_output: torch.Tensor | None = None
+
+
 class ShardedMECEmbeddingBagCollection(
     ShardedModule[KJTList, list[torch.Tensor], KeyedTensor, EmbeddingBagCollectionContext]
 ):
@@ -105,7 +125,7 @@ class ShardedMECEmbeddingBagCollection(
     `ShardedCodes` holding each rank's rows when the plan shards some code tables) and
     `codebooks` (a `ShardedEmbeddingBagCollection` built by the stock sharder from the plan).
     Output: a `KeyedTensor` with the unsharded module's keys and per-key tensors, keys in sharding
-    order (like TorchRec's sharded EBC).
+    order (like TorchRec's sharded EBC; features of fused data-parallel tables last).
 
     Args:
         module: the unsharded MEC module (its `codes` container is reused, not copied).
@@ -176,9 +196,19 @@ class ShardedMECEmbeddingBagCollection(
         # codebooks are neither registered here nor saved twice.
         self._remap: Callable[..., KeyedJaggedTensor] = module.remap
         self._regroup = ShardedRegroup(module.regroup)
+        tables = fusable_tables(module, codebook_plan, device) if self._code_source is None else []
+        tables = held_by_dense_tbe(module, tables, self.codebooks)
+        self._fused: FusedDataParallelTables | None = (
+            FusedDataParallelTables(module, tables, self.codes, self.codebooks) if tables else None
+        )
 
-    def create_context(self) -> EmbeddingBagCollectionContext:
-        return self.codebooks.create_context()
+    @property
+    def fused_tables(self) -> FusedDataParallelTables | None:
+        """The compressed tables pooled by the fused kernel from raw ids, if any."""
+        return self._fused
+
+    def create_context(self) -> MECEmbeddingBagCollectionContext:
+        return MECEmbeddingBagCollectionContext()
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The code-id KJT of ``features`` (as the unsharded module's ``remap``), read locally
@@ -189,26 +219,48 @@ class ShardedMECEmbeddingBagCollection(
     def input_dist(  # type: ignore[override]
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
-        """Remaps ids to code ids (`remap`), then runs the stock input all-to-all on code ids."""
-        return self.codebooks.input_dist(ctx, self.remap(features))
+        """Remaps ids to code ids (`remap`), then runs the stock input all-to-all on code ids.
+
+        Features of the fused data-parallel tables skip the remap: their ids wait in `ctx` for
+        `compute`, and the stock lookup sees their sub-features as empty bags.
+        """
+        if self._fused is None:
+            return self.codebooks.input_dist(ctx, self.remap(features))
+        with torch.no_grad():
+            stock, ctx.fused_input = self._fused.split(features)
+        return self.codebooks.input_dist(ctx, stock)
 
     def compute(
         self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList
     ) -> list[torch.Tensor]:
+        dist_input = self._pool_fused(ctx, dist_input)
         return self.codebooks.compute(ctx, dist_input)
 
     def output_dist(
         self, ctx: EmbeddingBagCollectionContext, output: list[torch.Tensor]
     ) -> LazyAwaitable[KeyedTensor]:
-        return self._with_regroup(self.codebooks.output_dist(ctx, output))
+        return self._with_regroup(ctx, self.codebooks.output_dist(ctx, output))
 
     def compute_and_output_dist(
         self, ctx: EmbeddingBagCollectionContext, input: KJTList
     ) -> LazyAwaitable[KeyedTensor]:
-        return self._with_regroup(self.codebooks.compute_and_output_dist(ctx, input))
+        input = self._pool_fused(ctx, input)
+        return self._with_regroup(ctx, self.codebooks.compute_and_output_dist(ctx, input))
 
-    def _with_regroup(self, pooled: LazyAwaitable[KeyedTensor]) -> LazyAwaitable[KeyedTensor]:
-        return regrouped(pooled, self._regroup)
+    def _pool_fused(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> KJTList:
+        if self._fused is None:
+            return dist_input
+        ctx.fused_output = self._fused.pool(ctx.fused_input)
+        ctx.fused_input = None
+        return self._fused.stock_input(dist_input)
+
+    def _with_regroup(
+        self, ctx: EmbeddingBagCollectionContext, pooled: LazyAwaitable[KeyedTensor]
+    ) -> LazyAwaitable[KeyedTensor]:
+        if self._fused is None:
+            return regrouped(pooled, self._regroup)
+        fused, ctx.fused_output = ctx.fused_output, None
+        return regrouped(pooled, self._fused.merged(self._regroup, fused))
 
     def load_compressed(self, name: str, table: "CompressedTable") -> None:
         """Fills table `name`'s codes (every rank) and its codebook shards from `table`.
