@@ -195,10 +195,30 @@ def model_quality(args: argparse.Namespace) -> None:
         print(f"| {name} | {auc:.5f} | {auc - aucs['fp32']:+.5f} | {logloss:.4f} | "
               f"{nbytes / 2**20:.2f} | {fp32_bytes / nbytes:.1f}x smaller | "
               f"{int2_bytes / nbytes:.2f}x |")
-    # Every variant scores the same test rows with the same dense layers: paired differences.
-    for name in ("mec-fp32", "mec-fp16"):
-        print(f"{name} - qebc-int4 test AUC: {aucs[name] - aucs['qebc-int4']:+.5f} "
-              f"(goal > 0: {'met' if aucs[name] > aucs['qebc-int4'] else 'missed'})")
+    # Every variant scores the same test rows with the same dense layers: paired differences,
+    # with a paired bootstrap interval over the test rows (how far the split can resolve them).
+    for name, rival in (("mec-fp32", "fp32"), ("mec-fp32", "qebc-int2"), ("mec-fp32", "qebc-int4"),
+                        ("mec-fp16", "qebc-int4")):
+        low, high = paired_auc_interval(torch.cat(logits[name]), torch.cat(logits[rival]), y)
+        goal = "met" if aucs[name] > aucs[rival] else "missed"
+        print(f"{name} - {rival} test AUC: {aucs[name] - aucs[rival]:+.5f} (95 % paired "
+              f"bootstrap [{low:+.5f}, {high:+.5f}])"
+              + (f"; goal > 0: {goal}" if rival == "qebc-int4" else ""))
+
+
+def paired_auc_interval(
+    a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, draws: int = 200, seed: int = 0
+) -> tuple[float, float]:
+    """2.5 and 97.5 percentiles of AUC(a) - AUC(b) over ``draws`` resamples of the rows (the
+    same rows for both: a paired bootstrap)."""
+    g = torch.Generator().manual_seed(seed)
+    diffs = []
+    for _ in range(draws):
+        rows = torch.randint(labels.numel(), (labels.numel(),), generator=g)
+        diffs.append(exact_auc(a[rows], labels[rows]) - exact_auc(b[rows], labels[rows]))
+    q = torch.tensor(diffs, dtype=torch.float64).quantile(torch.tensor([0.025, 0.975],
+                                                                       dtype=torch.float64))
+    return float(q[0]), float(q[1])
 
 
 def run_load(args: argparse.Namespace, module: nn.Module, tables: list[EmbeddingBagConfig]) -> None:
