@@ -35,6 +35,8 @@ from mec_torchrec.modules.layout import MECLayout, build_layout, sub_name
 #: Per dense TBE: (module, first and last flat element used, (start, rows, dim) per codebook
 #: relative to the first element, in flat order).
 _WeightGroup = tuple[torch.nn.Module, int, int, list[tuple[int, int, int]]]
+#: (part, first column, end column) runs, kept names, kept dims, parts with no kept column.
+_ColumnPlan = tuple[list[tuple[int, int, int]], list[str], list[int], list[int]]
 
 
 def fusable_tables(
@@ -132,7 +134,9 @@ class FusedDataParallelTables:
         ) + fused.lookup_features
         self._dropped = set(fused.lookup_features)
         self._weights = self._weight_groups(codebooks, fused)
-        self._column_plans: dict[tuple[str, ...], list[tuple[int, int, int]]] = {}
+        # Per stock output layout (its names): kept column runs, kept names and dims, and the
+        # parts left with no kept column; built on the first step, reused by every other.
+        self._column_plans: dict[tuple[str, ...], _ColumnPlan] = {}
         self._codebooks = codebooks
         # Data-parallel lookups that see fused sub-features only: they run on one empty sample.
         self._idle = [
@@ -274,16 +278,22 @@ class FusedDataParallelTables:
     ) -> tuple[list[torch.Tensor], list[str], list[int]]:
         """The stock parts without the fused sub-features' (empty-bag) columns, plus ``pooled``."""
         key = tuple(names)
-        plan = self._column_plans.get(key)
-        if plan is None:
-            plan = self._column_plans[key] = self._column_plan(parts, names, dims)
-        kept_names = [n for n in names if n not in self._dropped]
-        kept_dims = [d for n, d in zip(names, dims) if n not in self._dropped]
+        cached = self._column_plans.get(key)
+        if cached is None:
+            runs = self._column_plan(parts, names, dims)
+            used = {p for p, _, _ in runs}
+            cached = self._column_plans[key] = (
+                runs,
+                [n for n in names if n not in self._dropped],
+                [d for n, d in zip(names, dims) if n not in self._dropped],
+                [p for p in range(len(parts)) if p not in used],
+            )
+        plan, kept_names, kept_dims, idle_parts = cached
         kept = [
             parts[p] if (start, end) == (0, parts[p].shape[1]) else parts[p][:, start:end]
             for p, start, end in plan
         ]
-        dropped = [part for p, part in enumerate(parts) if p not in {q for q, _, _ in plan}]
+        dropped = [parts[p] for p in idle_parts]
         if dropped:
             pooled = _KeepInGraph.apply(pooled, *dropped)
         return (
