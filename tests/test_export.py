@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -21,7 +22,10 @@ from mec_torchrec.export import (
 )
 from mec_torchrec.export.format import (
     FORMAT_VERSION,
+    TensorEntry,
+    decode_weight,
     encode_codebooks,
+    encode_weight,
     manifest_checksum,
     sha256_file,
 )
@@ -98,6 +102,49 @@ def test_serving_output_equals_training_module(tmp_path: Path, codebook_dtype: s
     scale = float(ref.values().abs().max())
     atol = {"fp32": 1e-6, "fp16": 1e-3 * scale, "int8": int8_bound(mec)}[codebook_dtype]
     torch.testing.assert_close(out.values(), ref.values().detach(), atol=atol, rtol=0)
+
+
+def one_hot_kjt(configs: list[EmbeddingBagConfig], batch: int, seed: int,
+                weighted: bool = False) -> KeyedJaggedTensor:
+    """One valid id per bag (a Criteo-style request)."""
+    g = torch.Generator().manual_seed(seed)
+    keys = [f for t in configs for f in t.feature_names]
+    values = torch.cat([torch.randint(0, t.num_embeddings, (batch,), generator=g)
+                        for t in configs for _ in t.feature_names])
+    return KeyedJaggedTensor(keys=keys, values=values,
+                             lengths=torch.ones(len(keys) * batch, dtype=torch.int64),
+                             weights=torch.rand(values.numel(), generator=g) if weighted else None)
+
+
+@LAYOUTS
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_int8_full_tables_are_stored_and_served_int8(tmp_path: Path, fused: bool,
+                                                     weighted: bool) -> None:
+    mec = make_mec(weighted)
+    manifest = export_model(mec, tmp_path / "art", weight_dtype="int8")
+    full = {t.name: t for t in manifest.tables if not t.compressed}
+    assert full and all(t.weight_dtype == "int8" for t in full.values())
+    for t in full.values():  # D bytes + float32 scale and bias per row
+        assert t.tensors["weight"] == TensorEntry("uint8", [t.num_embeddings, DIM + 8])
+    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art", fused=fused)
+    held = [serving.fused_packed] if fused else [getattr(serving.weights, n) for n in full]
+    assert all(x.dtype == torch.uint8 and x.shape[1] == DIM + 8 for x in held)
+    # The rows served are exactly the int8 ones: the training module over dequantized tables.
+    reference = copy.deepcopy(mec)
+    bags = reference.codebooks.embedding_bags
+    steps = []
+    for name in full:
+        stored = encode_weight(bags[name].weight.detach(), "int8")
+        steps.append(float(stored[:, DIM:].contiguous().view(torch.float32)[:, 0].max()))
+        bags[name].weight.data.copy_(decode_weight(stored))
+    configs = mec.embedding_bag_configs()
+    for kjt in (make_kjt(configs, batch=16, seed=1, weighted=weighted),
+                one_hot_kjt(configs, batch=5, seed=2, weighted=weighted)):
+        out = serving(kjt).values()
+        torch.testing.assert_close(out, reference(kjt).values().detach(), atol=1e-5, rtol=0)
+        # ... within half a step per row of the float tables (bags of <= 3 rows, weights <= 1).
+        torch.testing.assert_close(out, mec(kjt).values().detach(), atol=3 * max(steps) / 2 + 1e-5,
+                                   rtol=0)
 
 
 @LAYOUTS
@@ -271,13 +318,18 @@ def test_cli_exports_a_checkpoint_and_inspects_it(tmp_path: Path,
     out = tmp_path / "art"
     features = json.dumps({"t_c": ["c", "d"]})
     assert cli.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out),
-                     "--codebook-dtype", "fp16", "--features", features]) == 0
+                     "--codebook-dtype", "fp16", "--weight-dtype", "int8",
+                     "--features", features]) == 0
+    assert {t.name: t.weight_dtype for t in read_manifest(out).tables} == {
+        "t_a": None, "t_b": "int8", "t_c": None, "t_e": "int8"}
     capsys.readouterr()
     assert cli.main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "format_version" not in text and f"v{FORMAT_VERSION}" in text
     checksum = read_manifest(out).manifest_sha256
     assert f"manifest_sha256: {checksum} (matches its content)" in text
-    for name in ("t_a", "t_b", "t_c", "t_e", "c,d", "fp16", "uint8", "total"):
+    for name in ("t_a", "t_b", "t_c", "t_e", "c,d", "fp16", "int8", "uint8", "total"):
         assert name in text
+    t_b = next(line for line in text.splitlines() if line.startswith("t_b "))
+    assert t_b.split()[7] == "int8"  # the dtype column: int8 rows for a full table
     assert cli.main(["inspect", str(tmp_path / "nothing")]) == 2

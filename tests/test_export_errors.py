@@ -72,7 +72,7 @@ def test_checksum_mismatch_is_refused(artifact: Path) -> None:
 def test_unknown_format_version_is_refused_naming_the_versions_read(artifact: Path,
                                                                     version: object) -> None:
     edit_manifest(artifact, lambda m: m.update(format_version=version))
-    message = rf"format_version {version!r} is not supported \(this code reads versions \[1, 2\]\)"
+    message = rf"format_version {version!r} is not supported \(this code reads versions \[1, 2, 3\]\)"
     with pytest.raises(ArtifactError, match=message):
         MECInferenceEmbeddingBagCollection.load(artifact)
 
@@ -98,11 +98,13 @@ def test_an_unsigned_manifest_edit_is_refused(artifact: Path, edit, verify: bool
         MECInferenceEmbeddingBagCollection.load(artifact, verify=verify)
 
 
-def test_a_version_2_manifest_without_its_checksum_is_refused(artifact: Path) -> None:
-    edit_manifest(artifact, lambda m: m.pop("manifest_sha256"), sign=False)
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_manifest_without_its_checksum_is_refused(artifact: Path, version: int) -> None:
+    edit_manifest(artifact, lambda m: (m.pop("manifest_sha256"), m.update(format_version=version)),
+                  sign=False)  # fmt: skip
     path = re.escape(str(artifact / "manifest.json"))
     with pytest.raises(ArtifactError, match=rf"{path}: no manifest_sha256 "
-                                            r"\(format_version 2 requires one\)"):
+                                            rf"\(format_version {version} requires one\)"):
         MECInferenceEmbeddingBagCollection.load(artifact)
 
 
@@ -150,6 +152,39 @@ def test_blob_tensor_of_another_shape_is_refused(artifact: Path) -> None:
     edit_manifest(artifact, edit)
     with pytest.raises(ArtifactError, match=r"tensor 'weight' is torch.float32 \[8, 7\], "
                                             r"manifest says float32 \[7, 8\]"):
+        MECInferenceEmbeddingBagCollection.load(artifact)
+
+
+def test_int8_weight_dtype_over_a_float_blob_is_refused(artifact: Path) -> None:
+    # A signed manifest that calls t_b's float32 rows int8 row-wise: refused, not misread.
+    edit_manifest(artifact, lambda m: table_entry(m, "t_b").update(weight_dtype="int8"))
+    with pytest.raises(ArtifactError, match=r"table 't_b' tensor 'weight' dtype is 'float32', "
+                                            r"expected uint8 \(weight_dtype int8\)"):
+        MECInferenceEmbeddingBagCollection.load(artifact)
+
+
+def test_an_int8_blob_of_other_width_is_refused(tmp_path: Path) -> None:
+    export_model(make_mec(), tmp_path / "art", weight_dtype="int8")
+    blob = tmp_path / "art" / "tables" / "t_b.safetensors"
+    save_file({"weight": torch.zeros(7, 8, dtype=torch.uint8)}, str(blob))  # no scale, bias
+
+    def edit(manifest: dict) -> None:
+        table_entry(manifest, "t_b").update(blob_bytes=blob.stat().st_size,
+                                            sha256=sha256_file(blob))
+
+    edit_manifest(tmp_path / "art", edit)
+    with pytest.raises(ArtifactError, match=r"t_b.*tensor 'weight' is torch.uint8 \[7, 8\], "
+                                            r"manifest says uint8 \[7, 16\]"):
+        MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+
+
+@pytest.mark.parametrize("where", ["compressed", "unknown"])
+def test_a_wrong_weight_dtype_field_is_refused(artifact: Path, where: str) -> None:
+    table, value = ("t_a", "fp32") if where == "compressed" else ("t_b", "int4")
+    edit_manifest(artifact, lambda m: table_entry(m, table).update(weight_dtype=value))
+    expected = "null for a compressed table" if where == "compressed" else "one of"
+    with pytest.raises(ArtifactError, match=rf"table '{table}' weight_dtype is '{value}', "
+                                            rf"expected {expected}"):
         MECInferenceEmbeddingBagCollection.load(artifact)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import make_dlrm, make_kjt, make_mec, tables
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from test_export import make_dlrm, make_kjt, make_mec, one_hot_kjt, tables
+from torchrec import KeyedJaggedTensor
 from torchrec.inference.modules import quantize_inference_model
 from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
@@ -35,10 +35,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=[True, False], ids=["fused", "per_table"])
+@pytest.fixture(params=[(True, "fp32"), (False, "fp32"), (True, "int8"), (False, "int8")],
+                ids=["fused", "per_table", "fused-int8", "per_table-int8"])
 def serving(tmp_path: Path, request: pytest.FixtureRequest) -> MECInferenceEmbeddingBagCollection:
-    export_model(make_mec(), tmp_path / "art")
-    return MECInferenceEmbeddingBagCollection.load(tmp_path / "art", fused=request.param)
+    fused, weight_dtype = request.param
+    export_model(make_mec(), tmp_path / "art", weight_dtype=weight_dtype)
+    return MECInferenceEmbeddingBagCollection.load(tmp_path / "art", fused=fused)
 
 
 def test_scripted_module_equals_eager(serving: MECInferenceEmbeddingBagCollection) -> None:
@@ -84,8 +86,10 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def test_dlrm_with_serving_module_saved_and_run_in_a_fresh_process(tmp_path: Path) -> None:
-    export_model(make_mec(), tmp_path / "art")
+@pytest.mark.parametrize("weight_dtype", ["fp32", "int8"])
+def test_dlrm_with_serving_module_saved_and_run_in_a_fresh_process(tmp_path: Path,
+                                                                   weight_dtype: str) -> None:
+    export_model(make_mec(), tmp_path / "art", weight_dtype=weight_dtype)
     dlrm = make_dlrm(MECInferenceEmbeddingBagCollection.load(tmp_path / "art")).eval()
     dense, kjt = torch.randn(5, 3), make_kjt(tables(), batch=5, seed=6)
     with torch.no_grad():
@@ -143,18 +147,6 @@ def test_conversion_reads_an_inner_ebc_torchrec_already_quantized() -> None:
     ref = reference(kjt).values()
     torch.testing.assert_close(converted(kjt).values(), ref,
                                atol=1e-3 * float(ref.abs().max()), rtol=0)
-
-
-def one_hot_kjt(configs: list[EmbeddingBagConfig], batch: int, seed: int,
-                weighted: bool = False) -> KeyedJaggedTensor:
-    """One valid id per bag (a Criteo-style request)."""
-    g = torch.Generator().manual_seed(seed)
-    keys = [f for t in configs for f in t.feature_names]
-    values = torch.cat([torch.randint(0, t.num_embeddings, (batch,), generator=g)
-                        for t in configs for _ in t.feature_names])
-    return KeyedJaggedTensor(keys=keys, values=values,
-                             lengths=torch.ones(len(keys) * batch, dtype=torch.int64),
-                             weights=torch.rand(values.numel(), generator=g) if weighted else None)
 
 
 def kernels_run(forward: Callable[[KeyedJaggedTensor], object], kjt: KeyedJaggedTensor) -> set[str]:
@@ -253,3 +245,26 @@ def test_compiled_one_id_lookup_equals_the_aten_path(
         for out in (*outputs, references[1]):
             torch.testing.assert_close(out, references[0], atol=0, rtol=0)
         torch.testing.assert_close(outputs[0], mec(kjt).values(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_compiled_one_id_lookup_serves_int8_tables_as_the_aten_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weighted: bool
+) -> None:
+    """With int8 row-wise full tables the kernel dequantizes their rows in place of the float
+    slots (no second lookup): same values as FBGEMM's byte row-wise kernel, up to rounding."""
+    mec = make_mec(weighted=weighted)
+    export_model(mec, tmp_path / "art", weight_dtype="int8")
+    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
+    assert serving.fused and load_ops()
+    requests = [one_hot_kjt(serving.embedding_bag_configs(), batch, batch, weighted)
+                for batch in (1, 5, 130)]
+    scripted = script_model(serving)
+    assert kernels_run(scripted, requests[0]) == KERNELS
+    compiled = [(serving(kjt).values(), scripted(kjt).values()) for kjt in requests]
+    with monkeypatch.context() as m:
+        without_the_extension(m)
+        aten = [serving(kjt).values() for kjt in requests]
+    for (eager, script), reference in zip(compiled, aten):
+        torch.testing.assert_close(script, eager, atol=0, rtol=0)
+        torch.testing.assert_close(eager, reference, atol=1e-6, rtol=1e-6)

@@ -8,7 +8,7 @@ import json
 import torch
 
 from mec_torchrec.cli import UserError
-from mec_torchrec.export.format import CODEBOOK_DTYPES, Manifest
+from mec_torchrec.export.format import CODEBOOK_DTYPES, WEIGHT_DTYPES, Manifest
 from mec_torchrec.export.reader import read_manifest
 from mec_torchrec.export.writer import export_model
 
@@ -32,6 +32,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--out", required=True, help="artifact folder (replaced if it exists)")
     export.add_argument("--codebook-dtype", choices=CODEBOOK_DTYPES, default="fp32")
+    export.add_argument(
+        "--weight-dtype",
+        choices=WEIGHT_DTYPES,
+        default="fp32",
+        help="storage of the tables MEC did not compress: fp32, or int8 row-wise (D bytes + "
+        "float32 scale and bias per row; served in that form)",
+    )
     export.add_argument(
         "--features",
         help='JSON {"table": ["feature", ...]} for checkpoints (default: table t_X serves X)',
@@ -64,7 +71,10 @@ def _export(args: argparse.Namespace) -> int:
             )
     else:
         source = args.checkpoint
-    manifest = export_model(source, args.out, args.codebook_dtype, feature_names=features)
+    manifest = export_model(
+        source, args.out, args.codebook_dtype, weight_dtype=args.weight_dtype,
+        feature_names=features,
+    )  # fmt: skip
     print(describe(manifest, args.out))
     return 0
 
@@ -101,7 +111,7 @@ def describe(manifest: Manifest, path: object) -> str:
     counted)."""
     header = (
         f"{'table':<16} {'features':<16} {'rows':>10} {'dim':>4} {'L':>3} {'K':>6} "
-        f"{'codes':>6} {'books':>5} {'pool':>4} {'MiB':>9} {'fp32 MiB':>9} {'ratio':>7}"
+        f"{'codes':>6} {'dtype':>5} {'pool':>4} {'MiB':>9} {'fp32 MiB':>9} {'ratio':>7}"
     )
     lines = [
         (
@@ -117,7 +127,8 @@ def describe(manifest: Manifest, path: object) -> str:
         lines.append(
             f"{t.name:<16} {features[:16]:<16} {t.num_embeddings:>10} {t.embedding_dim:>4} "
             f"{t.num_subspaces or '-':>3} {t.codebook_size or '-':>6} {t.code_dtype or '-':>6} "
-            f"{t.codebook_dtype or '-':>5} {t.pooling[:4]:>4} {_mib(t.blob_bytes):>9} "
+            f"{t.codebook_dtype or t.weight_dtype or 'fp32':>5} {t.pooling[:4]:>4} "
+            f"{_mib(t.blob_bytes):>9} "
             f"{_mib(t.full_bytes):>9} {t.full_bytes / t.blob_bytes:>6.1f}x"
         )
     total, full = manifest.total_bytes(), manifest.full_bytes()

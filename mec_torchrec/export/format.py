@@ -8,8 +8,10 @@ An artifact is a folder::
 
 A compressed table's blob holds ``codes`` [N, L] (uint8 / int16 / int32) and ``codebooks``
 [L, K, D / L] in the chosen codebook dtype (``fp32``, ``fp16``, or ``int8`` with per-row
-``codebooks_scale`` / ``codebooks_bias`` float32 [L, K]); a full table's blob holds ``weight``
-[N, D] float32. Everything a reader needs to check a blob is in the manifest, so a blob that is
+``codebooks_scale`` / ``codebooks_bias`` float32 [L, K]); a full table's blob holds ``weight``,
+[N, D] float32 (``weight_dtype`` ``fp32``) or [N, D + 8] uint8 (``int8``: each row's D bytes,
+then its float32 scale and bias, PyTorch's and FBGEMM's byte row-wise layout, which the serving
+module keeps as is and pools with ``torch.ops.quantized.embedding_bag_byte_rowwise_offsets``). Everything a reader needs to check a blob is in the manifest, so a blob that is
 missing, truncated, altered or of another shape is refused before any tensor is used; and the
 manifest's own checksum makes an edited manifest refused too, not served as written.
 """
@@ -26,11 +28,15 @@ import torch
 
 FORMAT = "mec_torchrec.serving"
 # Version 2 adds manifest_sha256; version 1 manifests (written before it) still load without one.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Version 3 adds weight_dtype (full tables stored int8 row-wise); without it a full table is fp32.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 CHECKSUM = "manifest_sha256"
 CODEBOOK_DTYPES = ("fp32", "fp16", "int8")
+WEIGHT_DTYPES = ("fp32", "int8")
+# int8 row-wise rows end with a float32 scale and a float32 bias (the byte row-wise layout).
+ROWWISE_EXTRA_BYTES = 8
 
 _DTYPES = {
     "uint8": torch.uint8,
@@ -92,8 +98,9 @@ class TensorEntry:
 class TableEntry:
     """One table of the artifact (compressed when ``num_subspaces`` is not None).
 
-    ``codebook_dtype`` and ``code_dtype`` are None for a full table; ``blob_bytes`` and
-    ``sha256`` describe the blob file as written.
+    ``codebook_dtype`` and ``code_dtype`` are None for a full table, ``weight_dtype`` (``fp32``
+    or ``int8``; None in manifests before version 3: fp32) for a compressed one; ``blob_bytes``
+    and ``sha256`` describe the blob file as written.
     """
 
     name: str
@@ -109,6 +116,7 @@ class TableEntry:
     codebook_size: int | None = None
     code_dtype: str | None = None
     codebook_dtype: str | None = None
+    weight_dtype: str | None = None
 
     @property
     def compressed(self) -> bool:
@@ -281,7 +289,16 @@ def _check_table(t: TableEntry, table: str, need) -> None:
              f"{table} codebook_size / code_dtype / codebook_dtype",
              (t.codebook_size, t.code_dtype, t.codebook_dtype),
              "null for a full table")  # fmt: skip
+        need(t.weight_dtype is None or t.weight_dtype in WEIGHT_DTYPES, f"{table} weight_dtype",
+             t.weight_dtype, f"one of {list(WEIGHT_DTYPES)}")  # fmt: skip
+        weight = t.tensors.get("weight")
+        stored = "uint8" if t.weight_dtype == "int8" else "float32"
+        need(weight is not None and weight.dtype == stored, f"{table} tensor 'weight' dtype",
+             weight.dtype if weight is not None else None,
+             f"{stored} (weight_dtype {t.weight_dtype or 'fp32'})")  # fmt: skip
         return
+    need(t.weight_dtype is None, f"{table} weight_dtype", t.weight_dtype,
+         "null for a compressed table")  # fmt: skip
     need(_is_int(t.num_subspaces, 1), f"{table} num_subspaces", t.num_subspaces, "an int >= 1")
     need(_is_int(t.codebook_size, 1), f"{table} codebook_size", t.codebook_size, "an int >= 1")
     need(t.codebook_dtype in CODEBOOK_DTYPES, f"{table} codebook_dtype", t.codebook_dtype,
@@ -323,6 +340,30 @@ def encode_codebooks(codebooks: torch.Tensor, dtype: str) -> dict[str, torch.Ten
         "codebooks_scale": scale.contiguous(),
         "codebooks_bias": bias.contiguous(),
     }
+
+
+def encode_weight(weight: torch.Tensor, dtype: str) -> torch.Tensor:
+    """A full table [N, D] float -> the ``weight`` tensor stored for ``dtype``.
+
+    ``int8`` is PyTorch's byte row-wise quantization
+    (``torch.ops.quantized.embedding_bag_byte_prepack``): [N, D + 8] uint8, each row's D bytes q
+    with ``w ~= q * scale + bias`` (scale = (max - min) / 255, bias = min), then scale and bias
+    as float32, so the error per element is at most scale / 2.
+    """
+    if dtype == "fp32":
+        return weight.detach().float().contiguous()
+    if dtype != "int8":
+        raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
+    return torch.ops.quantized.embedding_bag_byte_prepack(weight.detach().float().contiguous())
+
+
+def decode_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The float32 [N, D] table a stored ``weight`` stands for (int8 row-wise or float)."""
+    if weight.dtype != torch.uint8:
+        return weight.float()
+    dim = weight.shape[1] - ROWWISE_EXTRA_BYTES
+    scale_bias = weight[:, dim:].contiguous().view(torch.float32)
+    return weight[:, :dim].float() * scale_bias[:, :1] + scale_bias[:, 1:]
 
 
 def decode_codebooks(tensors: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,6 +9,13 @@ and one pooled lookup whose bags are ordered (sample, feature, slot): the pooled
 *is* the EBC layout [B, F * D] without a transpose. Requests with one id per bag skip the
 scatter and the pooling (one gather of codes, one gather of rows), or are one call of a C++ kernel
 (``compiled_pooled_lookup``).
+
+Full tables stored int8 row-wise ([N, D + 8] uint8, see ``format.encode_weight``) stay in that
+form: they are stacked apart (``packed``) and pooled by one
+``torch.ops.quantized.embedding_bag_byte_rowwise_offsets`` call over all bags, whose result is
+added into the float lookup's output; the float lookup reads an all-zero block for their ids,
+and the packed lookup an all-zero row for the other features' ids, so both stay one call each,
+without branches. One-id-per-bag requests dequantize the int8 rows inside the C++ kernel.
 """
 
 from dataclasses import dataclass
@@ -26,6 +33,8 @@ class FusedTables:
     feature_plan: torch.Tensor  # int64 [F, L + 2]: slot rows, codes base, compressed (1 / 0)
     feature_is_mean: torch.Tensor  # bool [F]
     num_slots: int  # L
+    packed: torch.Tensor | None = None  # uint8 [sum N of int8 tables + 1, D + 8], a zero row last
+    packed_plan: torch.Tensor | None = None  # int64 [F, 2]: first packed row, int8 (1) or not (0)
 
 
 def can_fuse(dims: list[int], subspaces: list[int]) -> bool:
@@ -40,10 +49,12 @@ def build(
     table_is_mean: list[bool],
     num_slots: int,
 ) -> FusedTables:
-    """Stack the tables (per table: codes + codebooks [L, K, d], or a full weight [N, D])."""
-    weights, codes = [], []
+    """Stack the tables (per table: codes + codebooks [L, K, d], or a full weight: float [N, D],
+    or int8 row-wise uint8 [N, D + 8], which goes to ``packed``)."""
+    weights, codes, packed = [], [], []
     row_base, slot_stride, code_base, compressed, is_mean = [], [], [], [], []
-    rows = code_rows = 0
+    packed_base, is_packed = [], []
+    rows = code_rows = packed_rows = 0
     code_dtype = torch.uint8
     for t, num in enumerate(table_features):
         pair = table_compressed[t]
@@ -55,19 +66,45 @@ def build(
             code_dtype = torch.promote_types(code_dtype, table_codes.dtype)
             entry = (rows, k, code_rows, True)
             code_rows += table_codes.shape[0]
+        elif table_full[t] is not None and table_full[t].dtype == torch.uint8:
+            full = table_full[t]
+            packed.append(full)
+            # Float slots read the zero block appended below (without_packed zeroes the ids).
+            entry = (-1, 1, -1, False)
         else:
             full = table_full[t]
             assert full is not None
             weights.append(full.float().reshape(full.shape[0] * num_slots, -1))
             entry = (rows, 1, -1, False)  # codes base: the zero row appended below
-        rows += weights[-1].shape[0]
+        int8 = entry[0] < 0
+        if int8:
+            packed_base.extend([packed_rows] * num)
+            packed_rows += packed[-1].shape[0]
+        else:
+            rows += weights[-1].shape[0]
+            packed_base.extend([-1] * num)  # the packed zero row appended below
+        is_packed.extend([int(int8)] * num)
         for _ in range(num):
             row_base.append(entry[0])
             slot_stride.append(entry[1])
             code_base.append(entry[2])
             compressed.append(entry[3])
             is_mean.append(table_is_mean[t])
-    device = weights[0].device
+    device = (weights or packed)[0].device
+    packed_tensor: torch.Tensor | None = None
+    packed_plan: torch.Tensor | None = None
+    if packed:
+        # int8 tables' float slots read L zero rows; the other features read a zero packed row.
+        sub_dim = (packed[0].shape[1] - 8) // num_slots
+        weights.append(torch.zeros(num_slots, sub_dim, device=device))
+        row_base = [rows if base < 0 else base for base in row_base]
+        packed.append(torch.zeros(1, packed[0].shape[1], dtype=torch.uint8, device=device))
+        packed_tensor = torch.cat(packed).contiguous()
+        packed_plan = torch.tensor(
+            [[packed_rows if base < 0 else base, flag] for base, flag in zip(packed_base, is_packed)],
+            dtype=torch.int64,
+            device=device,
+        )
     # A zero row last: full-table ids read it, so their code part is 0 without a branch.
     zero_row = torch.zeros(1, num_slots, dtype=code_dtype, device=device)
     stacked_codes = torch.cat([*(c.to(code_dtype) for c in codes), zero_row])
@@ -83,7 +120,56 @@ def build(
         feature_plan=torch.tensor(plan, dtype=torch.int64, device=device),
         feature_is_mean=torch.tensor(is_mean, dtype=torch.bool, device=device),
         num_slots=num_slots,
+        packed=packed_tensor,
+        packed_plan=packed_plan,
     )
+
+
+def _without_packed(
+    values: torch.Tensor, lengths: torch.Tensor, packed_plan: torch.Tensor
+) -> torch.Tensor:
+    """``values`` with the ids of int8 (packed) features set to 0: their float slots read the
+    zero block, whatever the id."""
+    num_features = packed_plan.shape[0]
+    keep = 1 - packed_plan[:, 1]
+    per_feature = lengths.view(num_features, -1).sum(1)
+    return values * torch.repeat_interleave(keep, per_feature, output_size=values.shape[0])
+
+
+def _add_packed(
+    pooled: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: torch.Tensor | None,
+    stride: int,
+    packed: torch.Tensor,
+    packed_plan: torch.Tensor,
+    feature_is_mean: torch.Tensor,
+    has_mean: bool,
+) -> torch.Tensor:
+    """``pooled`` [B, F * D] plus the pooled rows of the int8 tables (others read a zero row).
+
+    The bags are pooled feature-major, as the ids come, by FBGEMM's byte row-wise kernel, and
+    added into the sample-major ``pooled`` through a transposed view (no copy)."""
+    num_features = packed_plan.shape[0]
+    n = values.shape[0]
+    per_feature = lengths.view(num_features, -1).sum(1)
+    plan = torch.repeat_interleave(packed_plan, per_feature, dim=0, output_size=n)
+    indices = values.long() * plan[:, 1] + plan[:, 0]
+    offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).long()
+    per_sample: torch.Tensor | None = None
+    if weights is not None:
+        per_sample = weights.float()
+    part = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+        packed, indices, offsets, False, 0, False, per_sample, None, True
+    )
+    dim = part.shape[1]
+    if has_mean:
+        mean = feature_is_mean.repeat_interleave(stride)
+        counts = lengths.clamp(min=1).to(part.dtype)
+        part = part * torch.where(mean, counts.reciprocal(), torch.ones_like(counts)).unsqueeze(1)
+    pooled.view(stride, num_features, dim).add_(part.view(num_features, stride, dim).transpose(0, 1))
+    return pooled
 
 
 @torch.fx.wrap
@@ -98,13 +184,40 @@ def fused_pooled_lookup(
     feature_is_mean: torch.Tensor,
     num_slots: int,
     has_mean: bool,
+    packed: torch.Tensor | None = None,
+    packed_plan: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pooled embeddings [B, F * D] in EBC layout from checked ids (feature-major, as a KJT).
 
     ``feature_plan`` is int64 [F, L + 2]: per feature the first lookup row of each slot (table
     base + l * K, or + l for a full table), the feature's first row in ``codes`` and whether it
-    is compressed (1) or full (0).
+    is compressed (1) or full (0). ``packed`` / ``packed_plan``: the int8 row-wise tables and,
+    per feature, their first row and whether it reads them (see ``build``).
     """
+    if packed is not None and packed_plan is not None:
+        pooled = _float_lookup(
+            _without_packed(values, lengths, packed_plan), lengths, weights, stride, weight,
+            codes, feature_plan, feature_is_mean, num_slots, has_mean,
+        )  # fmt: skip
+        return _add_packed(pooled, values, lengths, weights, stride, packed, packed_plan,
+                           feature_is_mean, has_mean)  # fmt: skip
+    return _float_lookup(values, lengths, weights, stride, weight, codes, feature_plan,
+                         feature_is_mean, num_slots, has_mean)  # fmt: skip
+
+
+def _float_lookup(
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: torch.Tensor | None,
+    stride: int,
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    feature_plan: torch.Tensor,
+    feature_is_mean: torch.Tensor,
+    num_slots: int,
+    has_mean: bool,
+) -> torch.Tensor:
+    """``fused_pooled_lookup`` over the float weight only."""
     num_features = feature_plan.shape[0]
     num_bags = num_features * stride
     n = values.shape[0]
@@ -169,17 +282,20 @@ def compiled_pooled_lookup(
     feature_is_mean: torch.Tensor,
     num_slots: int,
     has_mean: bool,
+    packed: torch.Tensor | None = None,
+    packed_plan: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fused_pooled_lookup`` with its one-id-per-bag requests in one call of a C++ kernel,
     ``torch.ops.mec_lookup.serve_one_hot`` (CPU, float32 ``weight``; see ``kernels``): code rows
-    gathered per feature with prefetching, then each sample's output row written once."""
+    gathered per feature with prefetching, then each sample's output row written once (int8
+    rows dequantized into it)."""
     if values.shape[0] == lengths.shape[0] and bool((lengths == 1).all()):
         return torch.ops.mec_lookup.serve_one_hot(
-            values, codes, weight, feature_plan, stride, weights
+            values, codes, weight, feature_plan, stride, weights, packed, packed_plan
         )
     return fused_pooled_lookup(
         values, lengths, weights, stride, weight, codes, feature_plan, feature_is_mean,
-        num_slots, has_mean,
+        num_slots, has_mean, packed, packed_plan,
     )  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mec_torchrec.export import fused as fused_lookup
 from mec_torchrec.export import kernels, ops
-from mec_torchrec.export.format import Manifest, decode_codebooks
+from mec_torchrec.export.format import ROWWISE_EXTRA_BYTES, Manifest, decode_codebooks
 from mec_torchrec.export.reader import read_manifest, read_table
 
 
@@ -25,7 +25,9 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
     input weights multiply rows when the artifact is weighted).
 
     Codebooks are decoded once to float32 at load (from fp32, fp16 or int8 storage; they are
-    small, so the hot path never dequantizes). Two layouts of the buffers:
+    small, so the hot path never dequantizes them). Full tables stored int8 row-wise stay int8
+    in memory and are pooled by FBGEMM's byte row-wise kernel
+    (``torch.ops.quantized.embedding_bag_byte_rowwise_offsets``). Two layouts of the buffers:
 
     * fused (default when all tables share D and compressed tables share L, as in DLRM):
       ``fused_codes`` [sum N, L] (all codes stacked), ``fused_weight`` [R, D / L] (all codebooks
@@ -45,7 +47,9 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
     Args:
         tables: the outer table configs, in output order.
         compressed: per compressed table ``(codes [N, L], codebooks [L, K, D / L] float)``.
-        full: per full table its float weight [N, D].
+        full: per full table its weight: float [N, D], or int8 row-wise uint8 [N, D + 8] (D bytes
+            then float32 scale and bias, ``torch.ops.quantized.embedding_bag_byte_prepack``'s
+            layout), which is served in that form.
         is_weighted: whether input weights multiply rows.
         unknown_id_policy: ``"error"`` (default) raises ``ValueError`` naming table, id, range and
             feature for an id outside [0, N); ``"reserved"`` serves such an id as row N - 1, the
@@ -102,9 +106,14 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
             )
             self._num_slots = plan.num_slots
             self._has_mean = any(self._table_is_mean)
-            for name in ("weight", "codes", "feature_plan", "feature_is_mean"):
+            self._has_packed = plan.packed is not None
+            names = ["weight", "codes", "feature_plan", "feature_is_mean"]
+            if self._has_packed:
+                names += ["packed", "packed_plan"]
+            for name in names:
                 self.register_buffer(f"fused_{name}", getattr(plan, name))
         else:
+            self._has_packed = False
             self.codes = nn.Module()
             self.codebooks = nn.Module()
             self.code_bases = nn.Module()
@@ -124,7 +133,9 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
                     assert weight is not None
                     self._table_slot.append(-1 - len(self._full_names))
                     self._full_names.append(config.name)
-                    self.weights.register_buffer(config.name, weight.float())
+                    # int8 row-wise tables stay uint8 [N, D + 8] (ops.pooled_lookup pools them).
+                    stored = weight if weight.dtype == torch.uint8 else weight.float()
+                    self.weights.register_buffer(config.name, stored)
         device = next(iter(self.buffers())).device if list(self.buffers()) else None
         self.register_buffer(
             "feature_sizes",
@@ -176,7 +187,7 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
             if table.compressed:
                 compressed[table.name] = (tensors["codes"], decode_codebooks(tensors))
             else:
-                full[table.name] = tensors["weight"]
+                full[table.name] = tensors["weight"]  # float32, or int8 row-wise uint8 as stored
         return cls(
             configs_of(manifest),
             compressed,
@@ -233,6 +244,8 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
                 self.fused_feature_is_mean,
                 self._num_slots,
                 self._has_mean,
+                self.fused_packed if self._has_packed else None,
+                self.fused_packed_plan if self._has_packed else None,
             )
         else:
             pooled = ops.pooled_lookup(
@@ -260,6 +273,8 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
         """Bytes of the tensors held (codes, codebooks, full tables; index plans excluded)."""
         if self._fused:
             held = [self.fused_weight, self.fused_codes]
+            if self._has_packed:
+                held.append(self.fused_packed)
         else:
             held = [*self.codes.buffers(), *self.codebooks.buffers(), *self.weights.buffers()]
         return sum(x.numel() * x.element_size() for x in held)
@@ -286,10 +301,12 @@ def _checked_table(
             )
         return (codes, codebooks), None
     weight = full[config.name]
-    if tuple(weight.shape) != (config.num_embeddings, config.embedding_dim):
+    # float [N, D], or int8 row-wise: uint8 [N, D + 8] (D bytes, float32 scale and bias).
+    width = config.embedding_dim + (ROWWISE_EXTRA_BYTES if weight.dtype == torch.uint8 else 0)
+    if tuple(weight.shape) != (config.num_embeddings, width):
         raise ValueError(
-            f"table {config.name!r}: weight {tuple(weight.shape)}, expected "
-            f"({config.num_embeddings}, {config.embedding_dim})"
+            f"table {config.name!r}: {weight.dtype} weight {tuple(weight.shape)}, expected "
+            f"({config.num_embeddings}, {width})"
         )
     return None, weight
 

@@ -179,7 +179,7 @@ def pooled_lookup(
     Table t (features in order) reads ``codes[s]`` / ``codebooks[s]`` / ``code_bases[s]`` when
     ``table_slot[t] = s >= 0`` (row j = ``codebooks[s][codes[s][j] + code_bases[s]]``
     concatenated over subspaces; ``codebooks[s]`` is [L * K, D / L]), else
-    ``full_weights[-1 - table_slot[t]]``. Bags are summed (times ``weights`` if given) and mean
+    ``full_weights[-1 - table_slot[t]]`` (float [N, D], or int8 row-wise uint8 [N, D + 8]). Bags are summed (times ``weights`` if given) and mean
     tables divide by the bag length, as the training module does.
     """
     bag_lengths_2d = lengths.view(-1, stride)
@@ -215,6 +215,10 @@ def pooled_lookup(
             positions = torch.arange(n, device=ids.device)
             pooled = F.embedding_bag(
                 positions, rows, offsets, mode="sum", per_sample_weights=w, include_last_offset=True
+            )
+        elif full_weights[-1 - slot].dtype == torch.uint8:  # int8 row-wise [N, D + 8]
+            pooled = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                full_weights[-1 - slot], ids.long(), offsets.long(), False, 0, False, w, None, True
             )
         else:
             pooled = F.embedding_bag(

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from mec_torchrec.export.format import (
     MANIFEST,
+    ROWWISE_EXTRA_BYTES,
     ArtifactError,
     Manifest,
     TableEntry,
@@ -36,7 +37,7 @@ def expected_shapes(table: TableEntry, where: str) -> dict[str, list[int]]:
     ``where`` names the table and its blob in errors."""
     n, d = table.num_embeddings, table.embedding_dim
     if not table.compressed:
-        return {"weight": [n, d]}
+        return {"weight": [n, d + ROWWISE_EXTRA_BYTES] if table.weight_dtype == "int8" else [n, d]}
     num_subspaces, k = table.num_subspaces, table.codebook_size
     assert num_subspaces is not None and k is not None
     if d % num_subspaces:

@@ -15,11 +15,13 @@ from mec_torchrec.export import source as _source
 from mec_torchrec.export.format import (
     CODEBOOK_DTYPES,
     MANIFEST,
+    WEIGHT_DTYPES,
     Manifest,
     TableEntry,
     TensorEntry,
     dtype_name,
     encode_codebooks,
+    encode_weight,
     sha256_file,
 )
 from mec_torchrec.io import atomic_dir
@@ -30,6 +32,7 @@ def export_model(
     path: str | os.PathLike,
     codebook_dtype: str = "fp32",
     *,
+    weight_dtype: str = "fp32",
     feature_names: Mapping[str, list[str]] | None = None,
     pooling: Mapping[str, PoolingType] | None = None,
 ) -> Manifest:
@@ -41,8 +44,10 @@ def export_model(
             folder (the DLRM app's ``train_*/best``; sharded tables are gathered) or a
             ``torch.save`` file of a state dict.
         path: the artifact folder; replaced as a whole if it exists.
-        codebook_dtype: ``"fp32"``, ``"fp16"`` or ``"int8"`` (row-wise scale and bias); full
-            tables are always stored as float32.
+        codebook_dtype: ``"fp32"``, ``"fp16"`` or ``"int8"`` (row-wise scale and bias).
+        weight_dtype: how the tables MEC did not compress are stored and served: ``"fp32"`` or
+            ``"int8"`` (byte row-wise: D bytes + float32 scale and bias per row, 4x smaller at
+            D = 128; the serving module pools them in that form).
         feature_names / pooling: per table, for state dicts and checkpoints, which carry no
             configs (default: table ``t_X`` serves feature ``X``, SUM pooling).
 
@@ -56,9 +61,11 @@ def export_model(
     """
     if codebook_dtype not in CODEBOOK_DTYPES:
         raise ValueError(f"codebook_dtype must be one of {CODEBOOK_DTYPES}, got {codebook_dtype!r}")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
     tables = _source.resolve(source, feature_names, pooling)
     origin = source if isinstance(source, (str, os.PathLike)) else type(source).__name__
-    return write_artifact(tables, path, codebook_dtype, {"from": str(origin)})
+    return write_artifact(tables, path, codebook_dtype, {"from": str(origin)}, weight_dtype)
 
 
 def write_artifact(
@@ -66,6 +73,7 @@ def write_artifact(
     path: str | os.PathLike,
     codebook_dtype: str = "fp32",
     source: dict | None = None,
+    weight_dtype: str = "fp32",
 ) -> Manifest:
     """Write ``tables`` as an artifact at ``path``: blobs first, the manifest last, one rename."""
     entries = []
@@ -78,7 +86,7 @@ def write_artifact(
                 tensors = {"codes": compressed.codes.cpu().contiguous()}
                 tensors.update(encode_codebooks(compressed.codebooks.cpu(), codebook_dtype))
             else:
-                tensors = {"weight": tables.full[config.name].detach().float().cpu().contiguous()}
+                tensors = {"weight": encode_weight(tables.full[config.name].cpu(), weight_dtype)}
             save_file(tensors, str(tmp / blob), metadata={"table": config.name})
             entries.append(
                 TableEntry(
@@ -97,6 +105,7 @@ def write_artifact(
                     codebook_size=compressed.codebook_size if compressed else None,
                     code_dtype=dtype_name(compressed.codes.dtype) if compressed else None,
                     codebook_dtype=codebook_dtype if compressed else None,
+                    weight_dtype=None if compressed else weight_dtype,
                 )
             )
         manifest = Manifest(

@@ -1,4 +1,4 @@
-"""Serving benchmark: MEC artifact (fp32 / fp16 codebooks) vs torchrec's quantized EBC (int8/4/2).
+"""Serving benchmark: MEC artifacts (fp32 / fp16 codebooks) vs torchrec's quantized EBC (int8/4/2).
 
 Same tables for every variant: the 26 Criteo Kaggle cardinalities times ``--scale``, dim
 ``--dim``, one Zipf id per feature per sample (id 0 the most frequent, as mec_torchrec.data orders
@@ -7,12 +7,15 @@ ids). MEC compresses a table when its codes + codebooks are smaller than the fp3
 
   mec-fp32 / mec-fp16  MECInferenceEmbeddingBagCollection loaded (mapped, verified) from an
                        artifact written by export_model with that codebook dtype
+  mec-fp16+int8        the same with fp16 codebooks and the tables MEC left full stored and
+                       served int8 row-wise (export_model weight_dtype="int8")
   qebc-int8/int4/int2  torchrec.quant EmbeddingBagCollection made by quantize_inference_model
                        with quantization_dtype qint8 / quint4x2 / quint2x4 (FBGEMM IntNBit TBE)
 
 Bytes: MEC = the artifact's blobs on disk (codes counted, safetensors headers included); QEBC =
 its weight rows as the kernel stores them (4 bytes of fp16 scale + bias per row, rows padded to
-16 bytes). Latency: one forward per request, per-request wall time, variants interleaved
+16 bytes). Held: what the serving module keeps in memory (MEC: ``embedding_bytes()``, codebooks
+decoded to float32; QEBC: its rows). Latency: one forward per request, per-request wall time, variants interleaved
 round-robin so a noisy host hits all of them alike; p50 and p99 per batch size.
 
     python tools/bench/serving.py --scale 0.05 --dim 64 --batch 1 64 512 --requests 300 \
@@ -85,15 +88,26 @@ def quantized_ebc(tables: list[EmbeddingBagConfig], dtype: str) -> tuple[nn.Modu
     return qebc, qebc_bytes(qebc)
 
 
-def mec_serving(tables: list[EmbeddingBagConfig], args: argparse.Namespace, codebook_dtype: str,
+# MEC variants: name -> (codebook dtype, dtype of the tables MEC left full).
+MEC_VARIANTS = {"mec-fp32": ("fp32", "fp32"), "mec-fp16": ("fp16", "fp32"),
+                "mec-fp16+int8": ("fp16", "int8")}
+
+
+def mec_serving(tables: list[EmbeddingBagConfig], args: argparse.Namespace, name: str,
                 workdir: Path) -> tuple[nn.Module, int]:
     """A MEC artifact of the tables (random codes: timing does not depend on their values)."""
     torch.manual_seed(0)
     mec = MECEmbeddingBagCollection(
         tables, compression_for(tables, args.subspaces, args.codebook_size))
-    path = workdir / f"mec-{codebook_dtype}"
-    manifest = export_model(mec, path, codebook_dtype)
-    return MECInferenceEmbeddingBagCollection.load(path), manifest.total_bytes()
+    codebook_dtype, weight_dtype = MEC_VARIANTS[name]
+    manifest = export_model(mec, workdir / name, codebook_dtype, weight_dtype=weight_dtype)
+    return MECInferenceEmbeddingBagCollection.load(workdir / name), manifest.total_bytes()
+
+
+def held_bytes(module: nn.Module, stored: int) -> int:
+    """What a serving module keeps in memory for its tables (MEC: codebooks as float32)."""
+    found = [m for m in module.modules() if isinstance(m, MECInferenceEmbeddingBagCollection)]
+    return found[0].embedding_bytes() if found else stored
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -158,12 +172,12 @@ def model_variants(out: Path, mec_variant: str, workdir: Path) -> tuple[dict, ob
                          len(ds.dense_names))
     checkpoint.load_local(out / f"train_{mec_variant}" / "best", {"model": trained.state_dict()})
     mec = trained.model.sparse_arch.embedding_bag_collection
-    for dtype in ("fp32", "fp16"):
-        path = workdir / f"model-mec-{dtype}"
-        manifest = export_model(mec, path, dtype)
+    for name, (codebook_dtype, weight_dtype) in MEC_VARIANTS.items():
+        path = workdir / f"model-{name}"
+        manifest = export_model(mec, path, codebook_dtype, weight_dtype=weight_dtype)
         served = copy.deepcopy(trained.model).eval()
         served.sparse_arch.embedding_bag_collection = MECInferenceEmbeddingBagCollection.load(path)
-        variants[f"mec-{dtype}"] = (served, manifest.total_bytes())
+        variants[name] = (served, manifest.total_bytes())
     return variants, ds, spec
 
 
@@ -185,20 +199,21 @@ def model_quality(args: argparse.Namespace) -> None:
     int2_bytes = variants["qebc-int2"][1]
     print(f"\n== {out}: trained DLRM served by each variant, test split ({y.numel():,} rows; "
           f"MEC = train_{args.mec_variant}) ==")
-    print("| variant | test AUC | AUC - fp32 | logloss | embedding MiB | vs fp32 | int2 / variant |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | test AUC | AUC - fp32 | logloss | embedding MiB | vs fp32 | int2 / variant "
+          "| held MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     aucs: dict[str, float] = {}
-    for name, (_, nbytes) in variants.items():
+    for name, (model, nbytes) in variants.items():
         z = torch.cat(logits[name])
         aucs[name] = auc = exact_auc(z, y)
         logloss = float(torch.nn.functional.binary_cross_entropy_with_logits(z, y))
         print(f"| {name} | {auc:.5f} | {auc - aucs['fp32']:+.5f} | {logloss:.4f} | "
               f"{nbytes / 2**20:.2f} | {fp32_bytes / nbytes:.1f}x smaller | "
-              f"{int2_bytes / nbytes:.2f}x |")
+              f"{int2_bytes / nbytes:.2f}x | {held_bytes(model, nbytes) / 2**20:.2f} |")
     # Every variant scores the same test rows with the same dense layers: paired differences,
     # with a paired bootstrap interval over the test rows (how far the split can resolve them).
     for name, rival in (("mec-fp32", "fp32"), ("mec-fp32", "qebc-int2"), ("mec-fp32", "qebc-int4"),
-                        ("mec-fp16", "qebc-int4")):
+                        ("mec-fp16", "qebc-int4"), ("mec-fp16+int8", "qebc-int4")):
         low, high = paired_auc_interval(torch.cat(logits[name]), torch.cat(logits[rival]), y)
         goal = "met" if aucs[name] > aucs[rival] else "missed"
         print(f"{name} - {rival} test AUC: {aucs[name] - aucs[rival]:+.5f} (95 % paired "
@@ -270,8 +285,8 @@ def main() -> None:
 
     modules: dict[str, tuple[nn.Module, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in ("fp32", "fp16"):
-            modules[f"mec-{dtype}"] = mec_serving(tables, args, dtype, Path(tmp))
+        for name in MEC_VARIANTS:
+            modules[name] = mec_serving(tables, args, name, Path(tmp))
     for dtype in QUANT:
         modules[f"qebc-{dtype}"] = quantized_ebc(tables, dtype)
     variants = {name: script_model(m) if args.script else m for name, (m, _) in modules.items()}
@@ -284,11 +299,11 @@ def main() -> None:
           f"{'TorchScript' if args.script else 'eager'}, {args.clock} clock, "
           f"load {os.getloadavg()[0]:.1f}")
     int2_bytes = modules["qebc-int2"][1]
-    print("\n| variant | bytes (MiB) | vs fp32 | int2 / variant |")
-    print("|---|---|---|---|")
-    for name, (_, stored) in modules.items():
+    print("\n| variant | bytes (MiB) | vs fp32 | int2 / variant | held MiB |")
+    print("|---|---|---|---|---|")
+    for name, (module, stored) in modules.items():
         print(f"| {name} | {stored / 2**20:.2f} | {fp32_bytes / stored:.1f}x smaller | "
-              f"{int2_bytes / stored:.2f}x |")
+              f"{int2_bytes / stored:.2f}x | {held_bytes(module, stored) / 2**20:.2f} |")
 
     print("\n| batch | variant | p50 ms | p99 ms | p99 / qebc-int8 p99 |")
     print("|---|---|---|---|---|")

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -638,17 +639,37 @@ bool ids_in_range(const torch::Tensor& values, const torch::Tensor& lengths,
 // one (plan[f][L + 1] says which); times per_id[f * B + b] when given. The ids were checked.
 // Two passes: the code rows (random reads of a large table) are gathered first, in id order with
 // prefetching, into weight-row indices; then each sample's output row is written once.
+// The int8 row-wise tables of a serving request (serve_one_hot's packed / packed_plan): rows of
+// `width` bytes then a float32 scale and bias; plan [F, 2] = (first row, whether f reads them).
+struct Packed {
+  const uint8_t* rows = nullptr;
+  const int64_t* plan = nullptr;
+  int64_t row_bytes = 0;
+};
+
 // Second pass of serve_one_hot: sample b's output row is its F * L weight rows (d floats each,
-// a compile-time D when nonzero), times the per-id weight when given.
+// a compile-time D when nonzero), times the per-id weight when given; a feature that reads the
+// int8 tables gets its dequantized row (q * scale + bias, times the weight) instead.
 template <int D>
 void serve_rows(const int64_t* rows, const float* weight, const float* per_id, int64_t F,
-                int64_t B, int64_t L, int64_t d, float* out) {
+                int64_t B, int64_t L, int64_t d, float* out, const int64_t* ids,
+                const Packed& packed) {
   at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       float* dst = out + b * F * L * d;
       for (int64_t f = 0; f < F; ++f) {
         const int64_t* r = rows + (f * B + b) * L;
         const float scale = per_id ? per_id[f * B + b] : 1.f;
+        if (packed.rows && packed.plan[2 * f + 1]) {
+          const int64_t width = L * d;
+          const uint8_t* src = packed.rows + (packed.plan[2 * f] + ids[f * B + b]) * packed.row_bytes;
+          float step, bias;
+          std::memcpy(&step, src + width, sizeof(float));
+          std::memcpy(&bias, src + width + sizeof(float), sizeof(float));
+          for (int64_t k = 0; k < width; ++k) dst[k] = (src[k] * step + bias) * scale;
+          dst += width;
+          continue;
+        }
         for (int64_t l = 0; l < L; ++l, dst += d) {
           const float* src = weight + r[l] * d;
           if (D > 0) {
@@ -666,11 +687,13 @@ void serve_rows(const int64_t* rows, const float* weight, const float* per_id, i
 
 template <typename C>
 void serve_one_hot_of(const int64_t* ids, const C* codes, const float* weight, const int64_t* plan,
-                      const float* per_id, int64_t F, int64_t B, int64_t L, int64_t d, float* out) {
+                      const float* per_id, int64_t F, int64_t B, int64_t L, int64_t d, float* out,
+                      const Packed& packed) {
   constexpr int64_t kAhead = 48;
   std::vector<int64_t> rows(F * B * L);
   at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1; ++f) {
+      if (packed.rows && packed.plan[2 * f + 1]) continue;  // int8 rows: read in the second pass
       const int64_t* p = plan + f * (L + 2);
       const int64_t* v = ids + f * B;
       int64_t* r = rows.data() + f * B * L;
@@ -690,48 +713,62 @@ void serve_one_hot_of(const int64_t* ids, const C* codes, const float* weight, c
   });
   switch (per_id ? 0 : d) {  // fixed-size row copies for the usual sub-vector widths
     case 8:
-      serve_rows<8>(rows.data(), weight, per_id, F, B, L, d, out);
+      serve_rows<8>(rows.data(), weight, per_id, F, B, L, d, out, ids, packed);
       break;
     case 16:
-      serve_rows<16>(rows.data(), weight, per_id, F, B, L, d, out);
+      serve_rows<16>(rows.data(), weight, per_id, F, B, L, d, out, ids, packed);
       break;
     case 32:
-      serve_rows<32>(rows.data(), weight, per_id, F, B, L, d, out);
+      serve_rows<32>(rows.data(), weight, per_id, F, B, L, d, out, ids, packed);
       break;
     default:
-      serve_rows<0>(rows.data(), weight, per_id, F, B, L, d, out);
+      serve_rows<0>(rows.data(), weight, per_id, F, B, L, d, out, ids, packed);
   }
 }
 
 torch::Tensor serve_one_hot(const torch::Tensor& values, const torch::Tensor& codes,
                             const torch::Tensor& weight, const torch::Tensor& feature_plan,
-                            int64_t stride, const c10::optional<torch::Tensor>& per_id) {
+                            int64_t stride, const c10::optional<torch::Tensor>& per_id,
+                            const c10::optional<torch::Tensor>& packed,
+                            const c10::optional<torch::Tensor>& packed_plan) {
   TORCH_CHECK(values.device().is_cpu() && codes.device().is_cpu() && weight.device().is_cpu(),
               "serve_one_hot: CPU tensors");
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 2, "weight: float [R, d]");
   const int64_t F = feature_plan.size(0), L = feature_plan.size(1) - 2, d = weight.size(1);
   TORCH_CHECK(codes.dim() == 2 && codes.size(1) == L, "codes: [rows, L]");
   TORCH_CHECK(values.numel() == F * stride, "one id per (feature, sample)");
+  TORCH_CHECK(packed.has_value() == packed_plan.has_value(), "packed and packed_plan go together");
   const auto ids = values.to(at::kLong).contiguous();
   const auto plan = feature_plan.to(at::kLong).contiguous();
   const auto c = codes.contiguous();
   const auto w = weight.contiguous();
-  torch::Tensor psw;
+  torch::Tensor psw, rows8, plan8;
   if (per_id) psw = per_id->to(at::kFloat).contiguous();
+  Packed p8;
+  if (packed) {
+    TORCH_CHECK(packed->device().is_cpu() && packed->scalar_type() == at::kByte &&
+                    packed->dim() == 2 && packed->size(1) == L * d + 2 * int64_t(sizeof(float)),
+                "packed: uint8 [rows, D + 8] (int8 row-wise), D = ", L * d);
+    TORCH_CHECK(packed_plan->dim() == 2 && packed_plan->size(0) == F && packed_plan->size(1) == 2,
+                "packed_plan: [F, 2]");
+    rows8 = packed->contiguous();
+    plan8 = packed_plan->to(at::kLong).contiguous();
+    p8 = Packed{rows8.data_ptr<uint8_t>(), plan8.data_ptr<int64_t>(), rows8.size(1)};
+  }
   auto out = torch::empty({stride, F * L * d}, weight.options());
   const float* pw = per_id ? psw.data_ptr<float>() : nullptr;
   switch (c.scalar_type()) {
     case at::kByte:
       serve_one_hot_of(ids.data_ptr<int64_t>(), c.data_ptr<uint8_t>(), w.data_ptr<float>(),
-                       plan.data_ptr<int64_t>(), pw, F, stride, L, d, out.data_ptr<float>());
+                       plan.data_ptr<int64_t>(), pw, F, stride, L, d, out.data_ptr<float>(), p8);
       break;
     case at::kShort:
       serve_one_hot_of(ids.data_ptr<int64_t>(), c.data_ptr<int16_t>(), w.data_ptr<float>(),
-                       plan.data_ptr<int64_t>(), pw, F, stride, L, d, out.data_ptr<float>());
+                       plan.data_ptr<int64_t>(), pw, F, stride, L, d, out.data_ptr<float>(), p8);
       break;
     case at::kInt:
       serve_one_hot_of(ids.data_ptr<int64_t>(), c.data_ptr<int32_t>(), w.data_ptr<float>(),
-                       plan.data_ptr<int64_t>(), pw, F, stride, L, d, out.data_ptr<float>());
+                       plan.data_ptr<int64_t>(), pw, F, stride, L, d, out.data_ptr<float>(), p8);
       break;
     default:
       TORCH_CHECK(false, "codes: uint8, int16 or int32, got ", c.scalar_type());
@@ -751,7 +788,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 // graphs (mec_torchrec/export) call them as they call ATen ops. CPU kernels only.
 TORCH_LIBRARY(mec_lookup, m) {
   m.def("serve_one_hot(Tensor values, Tensor codes, Tensor weight, Tensor feature_plan, "
-        "int stride, Tensor? per_id) -> Tensor");
+        "int stride, Tensor? per_id, Tensor? packed=None, Tensor? packed_plan=None) -> Tensor");
   m.def("ids_in_range(Tensor values, Tensor lengths, Tensor sizes) -> bool");
 }
 
