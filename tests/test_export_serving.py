@@ -132,6 +132,9 @@ def test_quantize_inference_model_swaps_in_the_serving_module(dtype: torch.dtype
                for b in mec.codebooks.embedding_bags.values())
     atol = {"int8": 3 * step + 1e-4, "fp16": 1e-3 * float(ref.abs().max()), "fp32": 1e-6}
     torch.testing.assert_close(out, ref, atol=atol[codebook_dtype], rtol=0)
+    # int8 keeps the full tables int8 in memory, as torchrec's quantized EBC does.
+    packed = getattr(module, "fused_packed", None)
+    assert (packed is not None and packed.dtype == torch.uint8) == (codebook_dtype == "int8")
 
 
 def test_conversion_reads_an_inner_ebc_torchrec_already_quantized() -> None:

@@ -7,7 +7,7 @@ time a MEC collection is converted its inner ``codebooks`` EBC may already be a 
 (int8, fp16 or fp32 rows in FBGEMM's layout): its rows are read back from that layout. The MEC
 module's own qconfig weight dtype picks the codebook storage (qint8/quint8 -> int8 row-wise,
 float16 -> fp16, else fp32), so the served codebooks equal those of an artifact exported with the
-same dtype.
+same dtype; with int8 the full tables are also held int8 row-wise (as ``weight_dtype="int8"``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
 )
 
-from mec_torchrec.export.format import decode_codebooks, encode_codebooks
+from mec_torchrec.export.format import decode_codebooks, encode_codebooks, encode_weight
 from mec_torchrec.export.inference import MECInferenceEmbeddingBagCollection
 from mec_torchrec.modules import MECEmbeddingBagCollection
 from mec_torchrec.modules.layout import sub_name
@@ -91,7 +91,10 @@ def from_mec_module(
             codebooks = decode_codebooks(encode_codebooks(stacked, dtype))
             compressed[config.name] = (getattr(module.codes, config.name).detach(), codebooks)
         else:
-            full[config.name] = weights[config.name]
+            # int8: the full tables stay int8 in memory, as in torchrec's quantized EBC (its rows
+            # re-encoded in PyTorch's byte row-wise layout, on the same min / max grid).
+            weight = weights[config.name]
+            full[config.name] = encode_weight(weight, "int8") if dtype == "int8" else weight
     return MECInferenceEmbeddingBagCollection(
         list(module.embedding_bag_configs()),
         compressed,
