@@ -430,7 +430,7 @@ CASES = [
          ArtifactError, "does not match its content"),
     Case("artifact-manifest-no-checksum",
          lambda t: exported_with(t, lambda m: m.pop("manifest_sha256"), sign=False),
-         ArtifactError, "manifest.json: no manifest_sha256 (format_version 2 requires one)"),
+         ArtifactError, "manifest.json: no manifest_sha256 (format_version 3 requires one)"),
     # KJTs into MECEmbeddingBagCollection
     Case("kjt-missing-feature", lambda t: kjt(["a"], [1], [1]),
          ValueError, "input KeyedJaggedTensor lacks features ['b']"),
