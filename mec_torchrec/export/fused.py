@@ -194,30 +194,6 @@ def fused_pooled_lookup(
     is compressed (1) or full (0). ``packed`` / ``packed_plan``: the int8 row-wise tables and,
     per feature, their first row and whether it reads them (see ``build``).
     """
-    if packed is not None and packed_plan is not None:
-        pooled = _float_lookup(
-            _without_packed(values, lengths, packed_plan), lengths, weights, stride, weight,
-            codes, feature_plan, feature_is_mean, num_slots, has_mean,
-        )  # fmt: skip
-        return _add_packed(pooled, values, lengths, weights, stride, packed, packed_plan,
-                           feature_is_mean, has_mean)  # fmt: skip
-    return _float_lookup(values, lengths, weights, stride, weight, codes, feature_plan,
-                         feature_is_mean, num_slots, has_mean)  # fmt: skip
-
-
-def _float_lookup(
-    values: torch.Tensor,
-    lengths: torch.Tensor,
-    weights: torch.Tensor | None,
-    stride: int,
-    weight: torch.Tensor,
-    codes: torch.Tensor,
-    feature_plan: torch.Tensor,
-    feature_is_mean: torch.Tensor,
-    num_slots: int,
-    has_mean: bool,
-) -> torch.Tensor:
-    """``fused_pooled_lookup`` over the float weight only."""
     num_features = feature_plan.shape[0]
     num_bags = num_features * stride
     n = values.shape[0]
@@ -226,48 +202,55 @@ def _float_lookup(
         exporting = torch.compiler.is_exporting()
     else:
         exporting = False
+    # int8 tables' ids read the float weight's zero block (their rows are added at the end).
+    ids = values if packed_plan is None else _without_packed(values, lengths, packed_plan)
     # One id per bag (Criteo-style requests): no pooling, one gather straight into EBC layout.
     # Exported programs cannot branch on values, so they always take the general path.
     if not exporting and n == num_bags and bool((lengths == 1).all()):
-        return _one_hot_lookup(values, weights, stride, weight, codes, feature_plan, num_slots)
-    slots = torch.arange(num_slots, device=device)
-    # Lookup row of every (id, slot).
-    per_feature = lengths.view(num_features, stride).sum(1)
-    plan = torch.repeat_interleave(feature_plan, per_feature, dim=0, output_size=n)
-    compressed = plan[:, num_slots + 1]
-    code_rows = values * compressed + plan[:, num_slots]
-    # Compressed: base + l * K + codes[id, l]; full: base + l + id * L (codes read the zero row).
-    rows = codes.index_select(0, code_rows).long()
-    rows += plan[:, :num_slots]
-    rows += (values * ((1 - compressed) * num_slots)).unsqueeze(1)  # [n, L]
-    # Bags in (sample, feature, slot) order, so the pooled [B * F * L, d] is the EBC layout.
-    # Bag (f, b) is bag b * F + f there; its L slot bags follow each other, each len(f, b) long.
-    to_sample_major = _transposed_arange(stride, num_features, device)
-    to_feature_major = _transposed_arange(num_features, stride, device)
-    sample_major_lengths = lengths.index_select(0, to_feature_major)
-    offsets = torch.cat([lengths.new_zeros(1),
-                         torch.cumsum(sample_major_lengths.repeat_interleave(num_slots), 0)])
-    bag_offsets = torch.cumsum(lengths, 0) - lengths
-    shift = offsets.index_select(0, to_sample_major * num_slots) - bag_offsets
-    per_id = torch.repeat_interleave(torch.stack([shift, lengths], dim=1), lengths, dim=0,
-                                     output_size=n)
-    positions = (per_id[:, :1] + torch.arange(n, device=device).unsqueeze(1)
-                 + slots * per_id[:, 1:]).reshape(-1)
-    indices = torch.zeros_like(positions).scatter(0, positions, rows.reshape(-1))
-    per_sample: torch.Tensor | None = None
-    if weights is not None:
-        per_sample = torch.zeros(positions.shape[0], dtype=torch.float32, device=device).scatter(
-            0, positions, weights.float().repeat_interleave(num_slots)
-        )
-    pooled = F.embedding_bag(indices, weight, offsets, mode="sum",
-                             per_sample_weights=per_sample, include_last_offset=True)
-    dim = weight.shape[1]
-    if has_mean:
-        mean = feature_is_mean.repeat(stride)
-        counts = sample_major_lengths.clamp(min=1).to(pooled.dtype)
-        scale = torch.where(mean, counts.reciprocal(), torch.ones_like(counts))
-        pooled.view(num_bags, num_slots * dim).mul_(scale.unsqueeze(1))
-    return pooled.view(stride, num_features * num_slots * dim)
+        pooled = _one_hot_lookup(ids, weights, stride, weight, codes, feature_plan, num_slots)
+    else:
+        slots = torch.arange(num_slots, device=device)
+        # Lookup row of every (id, slot).
+        per_feature = lengths.view(num_features, stride).sum(1)
+        plan = torch.repeat_interleave(feature_plan, per_feature, dim=0, output_size=n)
+        compressed = plan[:, num_slots + 1]
+        code_rows = ids * compressed + plan[:, num_slots]
+        # Compressed: base + l * K + codes[id, l]; full: base + l + id * L (codes: the zero row).
+        rows = codes.index_select(0, code_rows).long()
+        rows += plan[:, :num_slots]
+        rows += (ids * ((1 - compressed) * num_slots)).unsqueeze(1)  # [n, L]
+        # Bags in (sample, feature, slot) order, so the pooled [B * F * L, d] is the EBC layout.
+        # Bag (f, b) is bag b * F + f there; its L slot bags follow each other, len(f, b) each.
+        to_sample_major = _transposed_arange(stride, num_features, device)
+        to_feature_major = _transposed_arange(num_features, stride, device)
+        sample_major_lengths = lengths.index_select(0, to_feature_major)
+        offsets = torch.cat([lengths.new_zeros(1),
+                             torch.cumsum(sample_major_lengths.repeat_interleave(num_slots), 0)])
+        bag_offsets = torch.cumsum(lengths, 0) - lengths
+        shift = offsets.index_select(0, to_sample_major * num_slots) - bag_offsets
+        per_id = torch.repeat_interleave(torch.stack([shift, lengths], dim=1), lengths, dim=0,
+                                         output_size=n)
+        positions = (per_id[:, :1] + torch.arange(n, device=device).unsqueeze(1)
+                     + slots * per_id[:, 1:]).reshape(-1)
+        indices = torch.zeros_like(positions).scatter(0, positions, rows.reshape(-1))
+        per_sample: torch.Tensor | None = None
+        if weights is not None:
+            per_sample = torch.zeros(
+                positions.shape[0], dtype=torch.float32, device=device
+            ).scatter(0, positions, weights.float().repeat_interleave(num_slots))
+        pooled = F.embedding_bag(indices, weight, offsets, mode="sum",
+                                 per_sample_weights=per_sample, include_last_offset=True)
+        dim = weight.shape[1]
+        if has_mean:
+            mean = feature_is_mean.repeat(stride)
+            counts = sample_major_lengths.clamp(min=1).to(pooled.dtype)
+            scale = torch.where(mean, counts.reciprocal(), torch.ones_like(counts))
+            pooled.view(num_bags, num_slots * dim).mul_(scale.unsqueeze(1))
+        pooled = pooled.view(stride, num_features * num_slots * dim)
+    if packed is not None and packed_plan is not None:
+        pooled = _add_packed(pooled, values, lengths, weights, stride, packed, packed_plan,
+                             feature_is_mean, has_mean)  # fmt: skip
+    return pooled
 
 
 @torch.fx.wrap
