@@ -28,6 +28,10 @@ of the job's data: fp32 = the stage-1 model; qebc-int8/4/2 = its tables quantize
 default) exported and served by ``MECInferenceEmbeddingBagCollection``; bytes = all of the model's
 embedding tables in each variant's serving form.
 
+``--table-ablation`` (with ``--model``) prints where MEC's AUC goes: the stage-1 fp32 model's test
+AUC with each compressed table, then all of them, swapped for its quantized rows (the compress
+stage's codes and codebooks, no retraining).
+
 ``--load-threads T --load-seconds S`` also runs the concurrent load check
 (``mec_torchrec.export.load_test``) on mec-fp32: T threads share the module for S seconds;
 errors, outputs that differ from the single-threaded ones, and latency percentiles.
@@ -221,6 +225,42 @@ def model_quality(args: argparse.Namespace) -> None:
               + (f"; goal > 0: {goal}" if rival == "qebc-int4" else ""))
 
 
+def table_ablation(args: argparse.Namespace) -> None:
+    """Test AUC of the fp32 model with each compressed table (then all) swapped for its decoded
+    stage-2 rows: how much each table's quantization costs before retraining."""
+    from mec_torchrec.quantize import CompressedTable
+
+    out = Path(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        variants, ds, spec = model_variants(out, args.mec_variant, Path(tmp))
+    model = variants["fp32"][0]
+    bags = model.sparse_arch.embedding_bag_collection.embedding_bags
+    batches = list(ds.batches("test", spec.training.eval_batch_size, shuffle=False))
+    labels = torch.cat([b.labels.float() for b in batches])
+
+    def auc() -> float:
+        with torch.inference_mode():
+            return exact_auc(torch.cat([model(b.dense_features, b.sparse_features).view(-1)
+                                        for b in batches]), labels)
+
+    decoded = {p.stem: CompressedTable.load(p).decode()
+               for p in sorted((out / "compress").glob("t_*.safetensors"))}
+    original = {name: bags[name].weight.detach().clone() for name in decoded}
+    base = auc()
+    print(f"\n== {out}: fp32 test AUC {base:.5f} with compressed tables swapped in (no retraining) ==")
+    print("| swapped | test AUC | - fp32 |\n|---|---|---|")
+    with torch.no_grad():
+        for name, rows in decoded.items():
+            bags[name].weight.copy_(rows)
+            value = auc()
+            bags[name].weight.copy_(original[name])
+            print(f"| {name} | {value:.5f} | {value - base:+.5f} |")
+        for name, rows in decoded.items():
+            bags[name].weight.copy_(rows)
+        value = auc()
+    print(f"| all {len(decoded)} | {value:.5f} | {value - base:+.5f} |")
+
+
 def paired_auc_interval(
     a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, draws: int = 200, seed: int = 0
 ) -> tuple[float, float]:
@@ -269,6 +309,8 @@ def main() -> None:
     parser.add_argument("--model", default=None,
                         help="a finished apps.dlrm.main output folder: AUC of each variant")
     parser.add_argument("--mec-variant", default="warm", help="which train_<variant> to serve")
+    parser.add_argument("--table-ablation", action="store_true",
+                        help="with --model: fp32 AUC with each compressed table quantized")
     parser.add_argument("--load-threads", type=int, default=0,
                         help="concurrent load check on mec-fp32 with this many threads")
     parser.add_argument("--load-seconds", type=float, default=10.0)
@@ -277,6 +319,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.model:
         model_quality(args)
+        if args.table_ablation:
+            table_ablation(args)
     if args.skip_latency and not args.load_threads:
         return
     tables = criteo_tables(args.scale, args.dim)
