@@ -268,17 +268,20 @@ def compiled_pooled_lookup(
     packed: torch.Tensor | None = None,
     packed_plan: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``fused_pooled_lookup`` with its one-id-per-bag requests in one call of a C++ kernel,
-    ``torch.ops.mec_lookup.serve_one_hot`` (CPU, float32 ``weight``; see ``kernels``): code rows
-    gathered per feature with prefetching, then each sample's output row written once (int8
-    rows dequantized into it)."""
+    """``fused_pooled_lookup`` in C++ kernels (CPU, float32 ``weight``; see ``kernels``): requests
+    with one id per bag in one call of ``torch.ops.mec_lookup.serve_one_hot`` (code rows gathered
+    per feature with prefetching, then each sample's output row written once, int8 rows
+    dequantized into it), any other in one call of ``torch.ops.mec_lookup.serve_pooled`` (the
+    training module's pooling loops: codes read while each bag is summed, SIMD per subspace
+    width; int8 rows dequantized while summed)."""
     if values.shape[0] == lengths.shape[0] and bool((lengths == 1).all()):
         return torch.ops.mec_lookup.serve_one_hot(
             values, codes, weight, feature_plan, stride, weights, packed, packed_plan
         )
-    return fused_pooled_lookup(
-        values, lengths, weights, stride, weight, codes, feature_plan, feature_is_mean,
-        num_slots, has_mean, packed, packed_plan,
+    offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+    return torch.ops.mec_lookup.serve_pooled(
+        values, offsets, weights, weight, codes, feature_plan, feature_is_mean, stride, packed,
+        packed_plan,
     )  # fmt: skip
 
 

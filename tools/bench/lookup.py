@@ -89,18 +89,28 @@ def criteo_tables(scale: float, dim: int) -> list[EmbeddingBagConfig]:
 
 
 def zipf_batch(
-    tables: list[EmbeddingBagConfig], batch: int, device: torch.device, generator: torch.Generator
+    tables: list[EmbeddingBagConfig],
+    batch: int,
+    device: torch.device,
+    generator: torch.Generator,
+    ids_per_bag: int = 1,
 ) -> KeyedJaggedTensor:
-    """One id per feature per sample, P(id = k) ~ 1 / (k + 1) (log-uniform inverse CDF)."""
-    values = []
+    """Zipf ids, P(id = k) ~ 1 / (k + 1) (log-uniform inverse CDF): one per feature per sample,
+    or with ``ids_per_bag`` k > 1 bags of 1 to 2k - 1 ids (k on average; multi-hot features)."""
+    values, lengths = [], []
     for t in tables:
-        u = torch.rand(batch, generator=generator, dtype=torch.float64)
+        if ids_per_bag == 1:
+            bag = torch.ones(batch, dtype=torch.int64)
+        else:
+            bag = torch.randint(1, 2 * ids_per_bag, (batch,), generator=generator)
+        u = torch.rand(int(bag.sum()), generator=generator, dtype=torch.float64)
         ids = torch.exp(u * math.log(t.num_embeddings + 1)).floor().long() - 1
         values.append(ids.clamp_(0, t.num_embeddings - 1))
+        lengths.append(bag)
     return KeyedJaggedTensor(
         keys=[t.feature_names[0] for t in tables],
         values=torch.cat(values),
-        lengths=torch.ones(batch * len(tables), dtype=torch.int64),
+        lengths=torch.cat(lengths),
     ).to(device)
 
 

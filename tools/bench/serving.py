@@ -296,6 +296,8 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.05, help="cardinality multiplier")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64, 512])
+    parser.add_argument("--ids-per-bag", type=int, default=1,
+                        help="1: one id per feature (Criteo); k > 1: bags of 1..2k-1 ids")
     parser.add_argument("--subspaces", type=int, default=4)
     parser.add_argument("--codebook-size", type=int, default=256)
     parser.add_argument("--requests", type=int, default=300, help="timed requests per batch size")
@@ -341,6 +343,7 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__}, {args.threads} thread(s), "
           f"{'TorchScript' if args.script else 'eager'}, {args.clock} clock, "
+          f"{args.ids_per_bag} id(s) per bag{' on average' if args.ids_per_bag > 1 else ''}, "
           f"load {os.getloadavg()[0]:.1f}")
     int2_bytes = modules["qebc-int2"][1]
     print("\n| variant | bytes (MiB) | vs fp32 | int2 / variant | held MiB |")
@@ -357,7 +360,7 @@ def main() -> None:
         return
     g = torch.Generator().manual_seed(0)
     for batch in args.batch:
-        batches = [zipf_batch(tables, batch, torch.device("cpu"), g)
+        batches = [zipf_batch(tables, batch, torch.device("cpu"), g, args.ids_per_bag)
                    for _ in range(args.requests + args.warmup)]
         times = measure(variants, batches, args.warmup, CLOCKS[args.clock])
         base = percentile(times["qebc-int8"], 0.99)

@@ -776,6 +776,137 @@ torch::Tensor serve_one_hot(const torch::Tensor& values, const torch::Tensor& co
   return out;
 }
 
+// The serving module's pooled lookup of any request (torch.ops.mec_lookup.serve_pooled): the
+// training forward's pooling loops, with every table read from the serving module's stacked
+// buffers. Per feature f, feature_plan [F, L + 2] holds the first row in `weight` [R, d] of each
+// slot (compressed: codebook l starts at plan[f][l]; full: the table's [N, D] rows start at
+// plan[f][0], a row being L consecutive d-rows), its first row in `codes` [rows, L] and whether
+// it is compressed. ids are checked by the caller.
+// Bags of one feature over int8 row-wise rows (D bytes, float32 scale and bias): dequantized and
+// summed (times the per-id weights), then divided by the bag length for a mean feature.
+void pool_packed(const Feature& ft, const Bags& bags, int64_t b0, int64_t b1, float* out,
+                 int64_t stride) {
+  const int64_t* off = bags.off + ft.f * bags.batch;
+  const uint8_t* rows = static_cast<const uint8_t*>(ft.codes);
+  const int64_t width = ft.cols, row_bytes = ft.code_cols;
+  for (int64_t b = b0; b < b1; ++b) {
+    float* o = out + b * stride + ft.col;
+    std::fill(o, o + width, 0.f);
+    const int64_t s = off[b], e = off[b + 1];
+    for (int64_t i = s; i < e; ++i) {
+      const uint8_t* r = rows + bags.id[i] * row_bytes;
+      float step, bias;
+      std::memcpy(&step, r + width, sizeof(float));
+      std::memcpy(&bias, r + width + sizeof(float), sizeof(float));
+      if (bags.sw) {
+        step *= bags.sw[i];
+        bias *= bags.sw[i];
+      }
+      for (int64_t k = 0; k < width; ++k) o[k] += r[k] * step + bias;
+    }
+    if (ft.mean && e > s) {
+      const float scale = 1.f / static_cast<float>(e - s);
+      for (int64_t k = 0; k < width; ++k) o[k] *= scale;
+    }
+  }
+}
+
+torch::Tensor serve_pooled(const torch::Tensor& values, const torch::Tensor& offsets,
+                           const c10::optional<torch::Tensor>& per_id, const torch::Tensor& weight,
+                           const torch::Tensor& codes, const torch::Tensor& feature_plan,
+                           const torch::Tensor& feature_is_mean, int64_t stride,
+                           const c10::optional<torch::Tensor>& packed,
+                           const c10::optional<torch::Tensor>& packed_plan) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
+                  weight.is_contiguous(),
+              "serve_pooled: weight must be contiguous CPU float32 [R, d]");
+  TORCH_CHECK(codes.device().is_cpu() && codes.dim() == 2 && codes.is_contiguous(),
+              "serve_pooled: codes must be contiguous CPU [rows, L]");
+  const int64_t F = feature_plan.size(0), L = feature_plan.size(1) - 2, d = weight.size(1);
+  TORCH_CHECK(codes.size(1) == L && feature_is_mean.numel() == F, "serve_pooled: plan shapes");
+  const auto ids = values.to(at::kLong).contiguous();
+  const auto off = offsets.to(at::kLong).contiguous();
+  torch::Tensor psw;
+  if (per_id) psw = per_id->to(at::kFloat).contiguous();
+  check_inputs(ids, off, per_id ? c10::optional<torch::Tensor>(psw) : c10::nullopt, F * stride);
+  const auto plan = feature_plan.to(at::kLong).contiguous();
+  const auto mean = feature_is_mean.to(at::kBool).contiguous();
+  const int64_t* p = plan.data_ptr<int64_t>();
+  const float* w = weight.data_ptr<float>();
+  const int kind = code_kind(codes);
+  const char* code_base = static_cast<const char*>(codes.data_ptr());
+  const int64_t D = L * d;
+  TORCH_CHECK(packed.has_value() == packed_plan.has_value(), "packed and packed_plan go together");
+  torch::Tensor rows8, plan8;
+  if (packed) {
+    TORCH_CHECK(packed->device().is_cpu() && packed->scalar_type() == at::kByte &&
+                    packed->dim() == 2 && packed->size(1) == D + 2 * int64_t(sizeof(float)),
+                "packed: uint8 [rows, D + 8] (int8 row-wise), D = ", D);
+    TORCH_CHECK(packed_plan->dim() == 2 && packed_plan->size(0) == F && packed_plan->size(1) == 2,
+                "packed_plan: [F, 2]");
+    rows8 = packed->contiguous();
+    plan8 = packed_plan->to(at::kLong).contiguous();
+  }
+  std::vector<Feature> feats(F);
+  std::vector<const float*> tables;
+  std::vector<int64_t> dims, cols;
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t* row = p + f * (L + 2);
+    Feature& ft = feats[f];
+    ft.f = f;
+    ft.j0 = static_cast<int64_t>(tables.size());
+    ft.col = f * D;
+    ft.cols = D;
+    ft.mean = mean.data_ptr<bool>()[f];
+    if (packed && plan8.data_ptr<int64_t>()[2 * f + 1]) {  // int8 rows: pool_packed
+      ft.kind = -2;
+      ft.codes = rows8.data_ptr<uint8_t>() + plan8.data_ptr<int64_t>()[2 * f] * rows8.size(1);
+      ft.code_cols = rows8.size(1);
+    } else if (row[L + 1] != 0) {
+      ft.kind = kind;
+      ft.codes = code_base + row[L] * L * codes.element_size();
+      ft.code_cols = L;
+      ft.sub = d;
+      for (int64_t l = 0; l < L; ++l) {
+        tables.push_back(w + row[l] * d);
+        dims.push_back(d);
+        cols.push_back(f * D + l * d);
+      }
+    } else {
+      ft.sub = D;
+      tables.push_back(w + row[0] * d);
+      dims.push_back(D);
+      cols.push_back(f * D);
+    }
+    ft.j1 = static_cast<int64_t>(tables.size());
+  }
+  std::vector<Kernels> kern;
+  for (const auto& ft : feats) kern.push_back(select(ft));
+  const Bags bags{ids.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
+                  per_id ? psw.data_ptr<float>() : nullptr, stride};
+  auto out = torch::empty({stride, F * D}, weight.options());
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, stride, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t b0 = begin; b0 < end; b0 += kChunk) {
+      const int64_t b1 = std::min(end, b0 + kChunk);
+      for (const auto& ft : feats) {
+        const float* const* tab = tables.data() + ft.j0;
+        if (ft.kind == -2) {
+          pool_packed(ft, bags, b0, b1, o, F * D);
+        } else if (kern[ft.f].pool) {
+          kern[ft.f].pool(ft, tab, bags, b0, b1, o, F * D);
+        } else {
+          pool_generic(ft, tab, dims.data() + ft.j0, cols.data() + ft.j0, bags, b0, b1, o, F * D);
+        }
+      }
+    }
+#if defined(__x86_64__)
+    _mm_sfence();
+#endif
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -790,9 +921,13 @@ TORCH_LIBRARY(mec_lookup, m) {
   m.def("serve_one_hot(Tensor values, Tensor codes, Tensor weight, Tensor feature_plan, "
         "int stride, Tensor? per_id, Tensor? packed=None, Tensor? packed_plan=None) -> Tensor");
   m.def("ids_in_range(Tensor values, Tensor lengths, Tensor sizes) -> bool");
+  m.def("serve_pooled(Tensor values, Tensor offsets, Tensor? per_id, Tensor weight, Tensor codes, "
+        "Tensor feature_plan, Tensor feature_is_mean, int stride, Tensor? packed=None, "
+        "Tensor? packed_plan=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mec_lookup, CPU, m) {
   m.impl("serve_one_hot", &serve_one_hot);
   m.impl("ids_in_range", &ids_in_range);
+  m.impl("serve_pooled", &serve_pooled);
 }
