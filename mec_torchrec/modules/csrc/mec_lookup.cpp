@@ -650,7 +650,7 @@ struct Packed {
 // Second pass of serve_one_hot: sample b's output row is its F * L weight rows (d floats each,
 // a compile-time D when nonzero), times the per-id weight when given; a feature that reads the
 // int8 tables gets its dequantized row (q * scale + bias, times the weight) instead.
-template <int D>
+template <int D, bool kPacked>
 void serve_rows(const int64_t* rows, const float* weight, const float* per_id, int64_t F,
                 int64_t B, int64_t L, int64_t d, float* out, const int64_t* ids,
                 const Packed& packed) {
@@ -660,7 +660,7 @@ void serve_rows(const int64_t* rows, const float* weight, const float* per_id, i
       for (int64_t f = 0; f < F; ++f) {
         const int64_t* r = rows + (f * B + b) * L;
         const float scale = per_id ? per_id[f * B + b] : 1.f;
-        if (packed.rows && packed.plan[2 * f + 1]) {
+        if (kPacked && packed.plan[2 * f + 1]) {
           const int64_t width = L * d;
           const uint8_t* src = packed.rows + (packed.plan[2 * f] + ids[f * B + b]) * packed.row_bytes;
           float step, bias;
@@ -683,6 +683,27 @@ void serve_rows(const int64_t* rows, const float* weight, const float* per_id, i
       }
     }
   });
+}
+
+// serve_rows with fixed-size row copies for the usual sub-vector widths (and the int8 branch
+// compiled in only where int8 tables are served).
+template <bool kPacked>
+void serve_rows_of(const int64_t* rows, const float* weight, const float* per_id, int64_t F,
+                   int64_t B, int64_t L, int64_t d, float* out, const int64_t* ids,
+                   const Packed& packed) {
+  switch (per_id ? 0 : d) {
+    case 8:
+      serve_rows<8, kPacked>(rows, weight, per_id, F, B, L, d, out, ids, packed);
+      break;
+    case 16:
+      serve_rows<16, kPacked>(rows, weight, per_id, F, B, L, d, out, ids, packed);
+      break;
+    case 32:
+      serve_rows<32, kPacked>(rows, weight, per_id, F, B, L, d, out, ids, packed);
+      break;
+    default:
+      serve_rows<0, kPacked>(rows, weight, per_id, F, B, L, d, out, ids, packed);
+  }
 }
 
 template <typename C>
@@ -711,18 +732,10 @@ void serve_one_hot_of(const int64_t* ids, const C* codes, const float* weight, c
       }
     }
   });
-  switch (per_id ? 0 : d) {  // fixed-size row copies for the usual sub-vector widths
-    case 8:
-      serve_rows<8>(rows.data(), weight, per_id, F, B, L, d, out, ids, packed);
-      break;
-    case 16:
-      serve_rows<16>(rows.data(), weight, per_id, F, B, L, d, out, ids, packed);
-      break;
-    case 32:
-      serve_rows<32>(rows.data(), weight, per_id, F, B, L, d, out, ids, packed);
-      break;
-    default:
-      serve_rows<0>(rows.data(), weight, per_id, F, B, L, d, out, ids, packed);
+  if (packed.rows) {
+    serve_rows_of<true>(rows.data(), weight, per_id, F, B, L, d, out, ids, packed);
+  } else {
+    serve_rows_of<false>(rows.data(), weight, per_id, F, B, L, d, out, ids, packed);
   }
 }
 
