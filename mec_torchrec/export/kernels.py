@@ -1,10 +1,13 @@
 """The compiled serving kernels, as operators that TorchScript graphs call: ``torch.ops.mec_lookup``.
 
-The lookup extension of the training module (``modules/csrc/mec_lookup.cpp``) registers two CPU
+The lookup extension of the training module (``modules/csrc/mec_lookup.cpp``) registers three CPU
 operators when its library loads:
 
-* ``serve_one_hot(values, codes, weight, feature_plan, stride, per_id)``: a fused lookup whose
-  bags hold one id each (``fused.compiled_pooled_lookup``);
+* ``serve_one_hot(values, codes, weight, feature_plan, stride, per_id, packed, packed_plan)``: a
+  fused lookup whose bags hold one id each (``fused.compiled_pooled_lookup``);
+* ``serve_pooled(values, offsets, per_id, weight, codes, feature_plan, feature_is_mean, stride,
+  packed, packed_plan)``: a fused lookup of any bags (the training module's pooling loops over the
+  stacked buffers; ``fused.compiled_pooled_lookup``);
 * ``ids_in_range(values, lengths, sizes) -> bool``: the id check of a valid batch in one pass
   (integer ids, lengths non-negative and summing to the number of ids, every id within its
   feature's table; ``ops.compiled_check_ids``).
