@@ -7,6 +7,7 @@ exception, never a silently different result.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -15,7 +16,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,12 @@ from mec_torchrec.data.spec import (
     load_dataset_spec,
 )
 from mec_torchrec.export import ArtifactError, MECInferenceEmbeddingBagCollection, export_model
-from mec_torchrec.export.format import READABLE_VERSIONS, manifest_checksum
+from mec_torchrec.export.format import (
+    READABLE_VERSIONS,
+    decode_weight,
+    encode_weight,
+    manifest_checksum,
+)
 from mec_torchrec.modules.config import MECTableConfig
 from mec_torchrec.quantize import CompressedTable, TableFileError
 
@@ -730,23 +736,34 @@ def test_remap_and_lookup_match_a_brute_force_reference(data, policy: str) -> No
 
 
 @settings(FEW, max_examples=25)
-@given(data=st.data(), policy=st.sampled_from(["error", "reserved"]))
-def test_serving_module_matches_a_brute_force_reference(data, policy: str) -> None:
-    """The exported artifact (fp32 codebooks), served per table and stacked where it can be.
-    Batches are not empty: like torchrec's own EBC, serving needs B >= 1."""
+@given(data=st.data(), policy=st.sampled_from(["error", "reserved"]),
+       weight_dtype=st.sampled_from(["fp32", "int8"]))
+def test_serving_module_matches_a_brute_force_reference(data, policy: str,
+                                                        weight_dtype: str) -> None:
+    """The exported artifact (fp32 codebooks; full tables fp32 or int8 row-wise), served per
+    table and stacked where it can be (on CPU the stacked layout runs the C++ kernels). Batches
+    are not empty: like torchrec's own EBC, serving needs B >= 1."""
     case = data.draw(lookups(policy, min_batch=1))
     with scratch() as tmp:
-        export_model(case.module, tmp / "art")
+        export_model(case.module, tmp / "art", weight_dtype=weight_dtype)
         servings = [
             MECInferenceEmbeddingBagCollection.load(tmp / "art", fused=fused)
             for fused in (False, None)
         ]
+    reference = case
+    if weight_dtype == "int8":  # the rows served are the int8 ones: the reference reads them too
+        module = copy.deepcopy(case.module)
+        for name, bag in module.codebooks.embedding_bags.items():
+            if "@" in name:  # a codebook (t@l); full tables keep their own name
+                continue
+            bag.weight.data.copy_(decode_weight(encode_weight(bag.weight.detach(), "int8")))
+        reference = replace(case, module=module)
     for serving in servings:
         if case.first_bad:
             with pytest.raises(ValueError, match=re.escape(case.first_bad)):
                 serving(case.kjt)
             continue
         out = serving(case.kjt).to_dict()
-        expected = case.pooled()
+        expected = reference.pooled()
         for f in case.ids:
             torch.testing.assert_close(out[f], expected[f], atol=1e-5, rtol=1e-5)
