@@ -262,45 +262,31 @@ def test_compiled_one_id_lookup_equals_the_aten_path(
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
-def test_compiled_one_id_lookup_serves_int8_tables_as_the_aten_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weighted: bool
+@pytest.mark.parametrize(
+    ("bags", "weight_dtype"),
+    [("one_id", "int8"), ("pooled", "fp32"), ("pooled", "int8")],
+)
+def test_compiled_lookups_equal_the_aten_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weighted: bool, bags: str, weight_dtype: str
 ) -> None:
-    """With int8 row-wise full tables the kernel dequantizes their rows in place of the float
-    slots (no second lookup): same values as FBGEMM's byte row-wise kernel, up to rounding."""
-    mec = make_mec(weighted=weighted)
-    export_model(mec, tmp_path / "art", weight_dtype="int8")
-    serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
-    assert serving.fused and load_ops()
-    requests = [one_hot_kjt(serving.embedding_bag_configs(), batch, batch, weighted)
-                for batch in (1, 5, 130)]
-    scripted = script_model(serving)
-    assert kernels_run(scripted, requests[0]) == KERNELS
-    compiled = [(serving(kjt).values(), scripted(kjt).values()) for kjt in requests]
-    with monkeypatch.context() as m:
-        without_the_extension(m)
-        aten = [serving(kjt).values() for kjt in requests]
-    for (eager, script), reference in zip(compiled, aten):
-        torch.testing.assert_close(script, eager, atol=0, rtol=0)
-        torch.testing.assert_close(eager, reference, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("weight_dtype", ["fp32", "int8"])
-@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
-def test_compiled_pooled_lookup_equals_the_aten_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weighted: bool, weight_dtype: str
-) -> None:
-    """Requests with bags of 0-3 ids (SUM and MEAN tables, empty bags) run one call of
+    """One id per bag with int8 full tables: ``serve_one_hot`` dequantizes their rows in place of
+    the float slots. Bags of 0-3 ids (SUM and MEAN tables, empty bags): one call of
     ``serve_pooled`` (the training module's pooling loops over the stacked buffers; int8 rows
-    dequantized in the loop), eager and scripted, and equal the ATen ops."""
+    dequantized in the loop). Eager == scripted; both equal the ATen ops (FBGEMM's kernel for
+    int8 rows) up to float rounding."""
     mec = make_mec(weighted=weighted)
     export_model(mec, tmp_path / "art", weight_dtype=weight_dtype)
     serving = MECInferenceEmbeddingBagCollection.load(tmp_path / "art")
     assert serving.fused and load_ops()
     configs = serving.embedding_bag_configs()
-    requests = [make_kjt(configs, batch=b, seed=b, weighted=weighted) for b in (1, 7, 130)]
+    if bags == "one_id":
+        requests = [one_hot_kjt(configs, batch, batch, weighted) for batch in (1, 5, 130)]
+        kernels = KERNELS
+    else:
+        requests = [make_kjt(configs, batch=b, seed=b, weighted=weighted) for b in (1, 7, 130)]
+        kernels = {"mec_lookup::ids_in_range", "mec_lookup::serve_pooled"}
     scripted = script_model(serving)
-    assert kernels_run(scripted, requests[1]) == {"mec_lookup::ids_in_range",
-                                                  "mec_lookup::serve_pooled"}
+    assert kernels_run(scripted, requests[1]) == kernels
     compiled = [(serving(kjt).values(), scripted(kjt).values()) for kjt in requests]
     with monkeypatch.context() as m:
         without_the_extension(m)

@@ -86,9 +86,10 @@ struct Full {};  // the "code type" of a full table: the id is the row
 // One outer feature, resolved for this call.
 struct Feature {
   int64_t f = 0;
-  int kind = -1;          // -1 full table, else the code dtype: 0 uint8, 1 int16, 2 int32, 3 int64
-  const void* codes = nullptr;
-  int64_t code_cols = 1;  // L of the codes [N, L]
+  int kind = -1;  // -1 full table, -2 int8 row-wise (serving), else the code dtype: 0 uint8,
+                  // 1 int16, 2 int32, 3 int64
+  const void* codes = nullptr;  // its codes [N, L] (int8 row-wise: its first row)
+  int64_t code_cols = 1;        // L of the codes (int8 row-wise: bytes per row)
   int64_t j0 = 0, j1 = 0; // its lookup features
   int64_t sub = 0;        // floats per lookup feature when equal and adjacent in the output, else 0
   int64_t col = 0;        // first output column
@@ -391,6 +392,60 @@ std::vector<T*> per_lookup(const std::vector<torch::Tensor>& tensors,
   return out;
 }
 
+// Bags of one feature over int8 row-wise rows (D bytes, float32 scale and bias): dequantized and
+// summed (times the per-id weights), then divided by the bag length for a mean feature.
+void pool_packed(const Feature& ft, const Bags& bags, int64_t b0, int64_t b1, float* out,
+                 int64_t stride) {
+  const int64_t* off = bags.off + ft.f * bags.batch;
+  const uint8_t* rows = static_cast<const uint8_t*>(ft.codes);
+  const int64_t width = ft.cols, row_bytes = ft.code_cols;
+  for (int64_t b = b0; b < b1; ++b) {
+    float* o = out + b * stride + ft.col;
+    std::fill(o, o + width, 0.f);
+    const int64_t s = off[b], e = off[b + 1];
+    for (int64_t i = s; i < e; ++i) {
+      const uint8_t* r = rows + bags.id[i] * row_bytes;
+      float step, bias;
+      std::memcpy(&step, r + width, sizeof(float));
+      std::memcpy(&bias, r + width + sizeof(float), sizeof(float));
+      if (bags.sw) {
+        step *= bags.sw[i];
+        bias *= bags.sw[i];
+      }
+      for (int64_t k = 0; k < width; ++k) o[k] += r[k] * step + bias;
+    }
+    if (ft.mean && e > s) {
+      const float scale = 1.f / static_cast<float>(e - s);
+      for (int64_t k = 0; k < width; ++k) o[k] *= scale;
+    }
+  }
+}
+
+// Pools every feature of a batch into out [batch, total_dim], chunk by chunk of samples (the
+// training forward and serve_pooled): each output element is written once, by its feature.
+void pool_features(const std::vector<Feature>& feats, const std::vector<Kernels>& kern,
+                   const float* const* tables, const int64_t* dims, const int64_t* cols,
+                   const Bags& bags, int64_t total_dim, float* out) {
+  at::parallel_for(0, bags.batch, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t b0 = begin; b0 < end; b0 += kChunk) {
+      const int64_t b1 = std::min(end, b0 + kChunk);
+      for (const auto& ft : feats) {
+        const float* const* tab = tables + ft.j0;
+        if (ft.kind == -2) {
+          pool_packed(ft, bags, b0, b1, out, total_dim);
+        } else if (kern[ft.f].pool) {
+          kern[ft.f].pool(ft, tab, bags, b0, b1, out, total_dim);
+        } else {
+          pool_generic(ft, tab, dims + ft.j0, cols + ft.j0, bags, b0, b1, out, total_dim);
+        }
+      }
+    }
+#if defined(__x86_64__)
+    _mm_sfence();
+#endif
+  });
+}
+
 torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& offsets,
                       const c10::optional<torch::Tensor>& psw,
                       const std::vector<torch::Tensor>& weights_in,
@@ -410,24 +465,8 @@ torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& offsets,
                   psw.has_value() ? psw->data_ptr<float>() : nullptr, batch};
   // Every output element is written once, by the kernel of its feature.
   auto out = torch::empty({batch, total_dim}, ids.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, batch, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t b0 = begin; b0 < end; b0 += kChunk) {
-      const int64_t b1 = std::min(end, b0 + kChunk);
-      for (const auto& ft : feats) {
-        const float* const* tab = tables.data() + ft.j0;
-        if (kern[ft.f].pool) {
-          kern[ft.f].pool(ft, tab, bags, b0, b1, o, total_dim);
-        } else {
-          pool_generic(ft, tab, lk_dim.data() + ft.j0, lk_col.data() + ft.j0, bags, b0, b1, o,
-                       total_dim);
-        }
-      }
-    }
-#if defined(__x86_64__)
-    _mm_sfence();
-#endif
-  });
+  pool_features(feats, kern, tables.data(), lk_dim.data(), lk_col.data(), bags, total_dim,
+                out.data_ptr<float>());
   return out;
 }
 
@@ -795,35 +834,6 @@ torch::Tensor serve_one_hot(const torch::Tensor& values, const torch::Tensor& co
 // slot (compressed: codebook l starts at plan[f][l]; full: the table's [N, D] rows start at
 // plan[f][0], a row being L consecutive d-rows), its first row in `codes` [rows, L] and whether
 // it is compressed. ids are checked by the caller.
-// Bags of one feature over int8 row-wise rows (D bytes, float32 scale and bias): dequantized and
-// summed (times the per-id weights), then divided by the bag length for a mean feature.
-void pool_packed(const Feature& ft, const Bags& bags, int64_t b0, int64_t b1, float* out,
-                 int64_t stride) {
-  const int64_t* off = bags.off + ft.f * bags.batch;
-  const uint8_t* rows = static_cast<const uint8_t*>(ft.codes);
-  const int64_t width = ft.cols, row_bytes = ft.code_cols;
-  for (int64_t b = b0; b < b1; ++b) {
-    float* o = out + b * stride + ft.col;
-    std::fill(o, o + width, 0.f);
-    const int64_t s = off[b], e = off[b + 1];
-    for (int64_t i = s; i < e; ++i) {
-      const uint8_t* r = rows + bags.id[i] * row_bytes;
-      float step, bias;
-      std::memcpy(&step, r + width, sizeof(float));
-      std::memcpy(&bias, r + width + sizeof(float), sizeof(float));
-      if (bags.sw) {
-        step *= bags.sw[i];
-        bias *= bags.sw[i];
-      }
-      for (int64_t k = 0; k < width; ++k) o[k] += r[k] * step + bias;
-    }
-    if (ft.mean && e > s) {
-      const float scale = 1.f / static_cast<float>(e - s);
-      for (int64_t k = 0; k < width; ++k) o[k] *= scale;
-    }
-  }
-}
-
 torch::Tensor serve_pooled(const torch::Tensor& values, const torch::Tensor& offsets,
                            const c10::optional<torch::Tensor>& per_id, const torch::Tensor& weight,
                            const torch::Tensor& codes, const torch::Tensor& feature_plan,
@@ -898,25 +908,8 @@ torch::Tensor serve_pooled(const torch::Tensor& values, const torch::Tensor& off
   const Bags bags{ids.data_ptr<int64_t>(), off.data_ptr<int64_t>(),
                   per_id ? psw.data_ptr<float>() : nullptr, stride};
   auto out = torch::empty({stride, F * D}, weight.options());
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, stride, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t b0 = begin; b0 < end; b0 += kChunk) {
-      const int64_t b1 = std::min(end, b0 + kChunk);
-      for (const auto& ft : feats) {
-        const float* const* tab = tables.data() + ft.j0;
-        if (ft.kind == -2) {
-          pool_packed(ft, bags, b0, b1, o, F * D);
-        } else if (kern[ft.f].pool) {
-          kern[ft.f].pool(ft, tab, bags, b0, b1, o, F * D);
-        } else {
-          pool_generic(ft, tab, dims.data() + ft.j0, cols.data() + ft.j0, bags, b0, b1, o, F * D);
-        }
-      }
-    }
-#if defined(__x86_64__)
-    _mm_sfence();
-#endif
-  });
+  pool_features(feats, kern, tables.data(), dims.data(), cols.data(), bags, F * D,
+                out.data_ptr<float>());
   return out;
 }
 
