@@ -394,8 +394,8 @@ std::vector<T*> per_lookup(const std::vector<torch::Tensor>& tensors,
 
 // Bags of one feature over int8 row-wise rows (D bytes, float32 scale and bias): dequantized and
 // summed (times the per-id weights), then divided by the bag length for a mean feature.
-void pool_packed(const Feature& ft, const Bags& bags, int64_t b0, int64_t b1, float* out,
-                 int64_t stride) {
+MEC_CLONES void pool_packed(const Feature& ft, const Bags& bags, int64_t b0, int64_t b1,
+                            float* out, int64_t stride) {
   const int64_t* off = bags.off + ft.f * bags.batch;
   const uint8_t* rows = static_cast<const uint8_t*>(ft.codes);
   const int64_t width = ft.cols, row_bytes = ft.code_cols;
