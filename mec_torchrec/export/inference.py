@@ -26,13 +26,16 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
 
     Codebooks are decoded once to float32 at load (from fp32, fp16 or int8 storage; they are
     small, so the hot path never dequantizes them). Full tables stored int8 row-wise stay int8
-    in memory and are pooled by FBGEMM's byte row-wise kernel
-    (``torch.ops.quantized.embedding_bag_byte_rowwise_offsets``). Two layouts of the buffers:
+    in memory and are dequantized while pooled (by the C++ kernels on CPU, else by FBGEMM's byte
+    row-wise kernel, ``torch.ops.quantized.embedding_bag_byte_rowwise_offsets``). Two layouts of
+    the buffers:
 
     * fused (default when all tables share D and compressed tables share L, as in DLRM):
       ``fused_codes`` [sum N, L] (all codes stacked), ``fused_weight`` [R, D / L] (all codebooks
-      and the full tables cut into L chunks per row); a request is one codes gather, one scatter
-      and one ``embedding_bag``, whatever the number of tables (see ``fused.py``).
+      and the full float tables cut into L chunks per row; int8 ones stacked apart in
+      ``fused_packed``); a request is one codes gather, one scatter and one ``embedding_bag``
+      (plus one byte row-wise call for int8 tables), whatever the number of tables (see
+      ``fused.py``).
     * per table (``fused=False``): ``codes.<table>`` [N, L], ``codebooks.<table>`` [L * K, D / L],
       ``weights.<table>`` [N, D]; on CPU codes and full tables stay views of the mapped blobs
       (zero-copy, page cache shared across processes), at one lookup per table.
@@ -41,8 +44,9 @@ class MECInferenceEmbeddingBagCollection(nn.Module):
     (``torch.ops.mec_torchrec.checked_ids``, called for out-of-range ids and inside exported
     programs), so the module fx-traces with ``torchrec.fx.symbolic_trace``, scripts with
     ``torch.jit.script`` and exports with ``torch.export.export``. On CPU, eager and scripted,
-    the id bounds check and one-id-per-bag requests of the fused layout run C++ kernels instead
-    (``torch.ops.mec_lookup``, see ``kernels``) when the lookup extension is available.
+    the id bounds check and the fused layout's lookup (one id per bag, or any bags) run C++
+    kernels instead (``torch.ops.mec_lookup``, see ``kernels``) when the lookup extension is
+    available.
 
     Args:
         tables: the outer table configs, in output order.
