@@ -246,8 +246,15 @@ def table_ablation(args: argparse.Namespace) -> None:
     decoded = {p.stem: CompressedTable.load(p).decode()
                for p in sorted((out / "compress").glob("t_*.safetensors"))}
     original = {name: bags[name].weight.detach().clone() for name in decoded}
+    if args.keep_top:  # the most frequent train ids keep their fp32 rows
+        configs = {c.name: c for c in model.sparse_arch.embedding_bag_collection.embedding_bag_configs()}
+        for name, rows in decoded.items():
+            top = ds.counts(configs[name].feature_names[0]).argsort(descending=True)[:args.keep_top]
+            rows[top] = original[name][top]
     base = auc()
-    print(f"\n== {out}: fp32 test AUC {base:.5f} with compressed tables swapped in (no retraining) ==")
+    kept = f", the {args.keep_top} most frequent ids of each kept fp32" if args.keep_top else ""
+    print(f"\n== {out}: fp32 test AUC {base:.5f} with compressed tables swapped in (no retraining"
+          f"{kept}) ==")
     print("| swapped | test AUC | - fp32 |\n|---|---|---|")
     with torch.no_grad():
         for name, rows in decoded.items():
@@ -313,6 +320,8 @@ def main() -> None:
     parser.add_argument("--mec-variant", default="warm", help="which train_<variant> to serve")
     parser.add_argument("--table-ablation", action="store_true",
                         help="with --model: fp32 AUC with each compressed table quantized")
+    parser.add_argument("--keep-top", type=int, default=0,
+                        help="with --table-ablation: the H most frequent ids keep fp32 rows")
     parser.add_argument("--load-threads", type=int, default=0,
                         help="concurrent load check on mec-fp32 with this many threads")
     parser.add_argument("--load-seconds", type=float, default=10.0)
