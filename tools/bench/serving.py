@@ -146,23 +146,31 @@ def exact_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((ranks[labels > 0].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def model_variants(out: Path, mec_variant: str, workdir: Path) -> tuple[dict, object, object]:
-    """The job's trained DLRM in every serving form: {name: (DLRM, embedding bytes)}."""
-    import copy
-
+def stage1_model(out: Path) -> tuple[nn.Module, object, object, list[EmbeddingBagConfig]]:
+    """The job's stage-1 (fp32) DLRM in eval mode, its dataset, spec and table configs."""
     from apps.dlrm import checkpoint
     from apps.dlrm.model import build_dlrm, table_configs
     from apps.dlrm.spec import load_job_spec
     from mec_torchrec.data import ProcessedDataset
-    from mec_torchrec.modules import MECTableConfig
-    from mec_torchrec.quantize import CompressedTable
 
     spec = load_job_spec(out / "spec.json")
     ds = ProcessedDataset(Path(spec.data_dir) if spec.data_dir else out / "data")
     tables = table_configs(ds.feature_names, ds.num_embeddings, spec.model.embedding_dim)
     fp32 = build_dlrm(EmbeddingBagCollection(tables=tables), spec.model, len(ds.dense_names))
     checkpoint.load_local(out / "pretrain" / "best", {"model": fp32.state_dict()})
-    fp32 = fp32.model.eval()  # the DLRM without the training loss
+    return fp32.model.eval(), ds, spec, tables  # the DLRM without the training loss
+
+
+def model_variants(out: Path, mec_variant: str, workdir: Path) -> tuple[dict, object, object]:
+    """The job's trained DLRM in every serving form: {name: (DLRM, embedding bytes)}."""
+    import copy
+
+    from apps.dlrm import checkpoint
+    from apps.dlrm.model import build_dlrm
+    from mec_torchrec.modules import MECTableConfig
+    from mec_torchrec.quantize import CompressedTable
+
+    fp32, ds, spec, tables = stage1_model(out)
     variants = {"fp32": (fp32, sum(t.num_embeddings * t.embedding_dim * 4 for t in tables))}
     for dtype, qdtype in QUANT.items():
         q = quantize_inference_model(copy.deepcopy(fp32), quantization_dtype=qdtype)
@@ -231,9 +239,7 @@ def table_ablation(args: argparse.Namespace) -> None:
     from mec_torchrec.quantize import CompressedTable
 
     out = Path(args.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        variants, ds, spec = model_variants(out, args.mec_variant, Path(tmp))
-    model = variants["fp32"][0]
+    model, ds, spec, _ = stage1_model(out)
     bags = model.sparse_arch.embedding_bag_collection.embedding_bags
     batches = list(ds.batches("test", spec.training.eval_batch_size, shuffle=False))
     labels = torch.cat([b.labels.float() for b in batches])
