@@ -1,5 +1,6 @@
 """Job specs of the DLRM app: the shipped specs load, and every mistake names its key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,7 @@ def test_bad_spec_is_an_error_naming_the_key(tmp_path: Path, text: str, message:
         ("model: {embedding_dim: 32}", "model.dense_arch_layer_sizes: the last size must equal"),
         ("model: {over_arch_layer_sizes: [16, 2]}", "model.over_arch_layer_sizes: must end with 1"),
         ("compression: {num_subspaces: 5}", "compression.num_subspaces: 5 does not divide"),
+        ("compression: {exact_rows: 256}", "compression.exact_rows: must be in [0, codebook_size)"),
         ("training: {eval_every: 0}", "training.eval_every: must be in (0, 1]"),
         ("retrain: {epochs: 0}", "retrain.epochs: must be >= 1"),
         ("retrain: {variants: []}", "retrain.variants: give at least one"),
@@ -90,7 +92,7 @@ def test_bad_spec_is_an_error_naming_the_key(tmp_path: Path, text: str, message:
 def test_inconsistent_values_are_errors_naming_the_key(
     tmp_path: Path, text: str, message: str
 ) -> None:
-    with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SpecError, match=re.escape(message)):
         load_job_spec(write(tmp_path, f"data: x.yaml\n{text}\n"))
 
 

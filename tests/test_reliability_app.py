@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -155,6 +156,34 @@ def test_the_startup_space_check_asks_for_no_more_than_the_stages_write(
     assert 0.5 * peak <= output_bytes(spec, ds, ["pretrain"]) <= peak
     tables = size(out / "compress", "t_*.safetensors")
     assert 0.5 * tables <= output_bytes(spec, ds, ["compress"]) <= tables
+
+
+def test_compress_with_exact_rows_redoes_every_table_and_keeps_the_head_rows_exact(
+    compress_runs: dict, tmp_path: Path
+) -> None:
+    from apps.dlrm import checkpoint
+    from apps.dlrm.main import table_key
+    from mec_torchrec.data import ProcessedDataset
+    from mec_torchrec.quantize import CompressedTable, head_rows
+
+    out = tmp_path / "run"
+    shutil.copytree(compress_runs["out"], out)
+    spec = tmp_path / "exact.yaml"
+    text = compress_runs["spec"].read_text().replace("min_rows: 1300", "min_rows: 1300\n  exact_rows: 5")
+    spec.write_text(text)
+    run = app(spec, out, "compress", "--resume")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert set(compress_log(run.stderr).values()) == {
+        "its inputs changed (pretrained weights, id counts or quantizer settings)"
+    }
+    ds = ProcessedDataset(out / "data")
+    for path in sorted((out / "compress").glob("t_*.safetensors")):
+        table = CompressedTable.load(path)
+        weight = torch.empty(table.num_rows, table.dim)
+        checkpoint.load_local(out / "pretrain" / "best", {"model": {table_key(path.stem): weight}})
+        head = head_rows(ds.counts(path.stem.removeprefix("t_")), 5)
+        assert torch.equal(table.decode(head), weight[head]), path.stem
+        assert table.stats["exact_rows"] == 5
 
 
 def torchx(spec: Path, out: Path, logs: Path, *flags: str, **extra: str) -> subprocess.Popen:

@@ -191,6 +191,7 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
         "num_subspaces": c.num_subspaces,
         "codebook_size": c.codebook_size,
         "quantizer": c.quantizer,
+        "exact_rows": c.exact_rows,
     }
     quantizer = (quantize.MECQuantizer if c.method == "mec" else quantize.PQQuantizer)(
         num_subspaces=c.num_subspaces, codebook_size=c.codebook_size, **c.quantizer
@@ -219,6 +220,10 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
             say(env, f"[compress] {t.name}: {redo}: quantizing")
         start = time.perf_counter()
         table = quantizer.fit(weight, counts)
+        if c.exact_rows and c.exact_rows <= t.num_embeddings:
+            table = quantize.reserve_exact_rows(
+                weight, counts, table, c.exact_rows, quantizer.refit_weights(counts)
+            )
         seconds = time.perf_counter() - start
         table.save(path)
         # The record is written last: it marks the table done, with what it was made from.

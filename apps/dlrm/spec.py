@@ -44,6 +44,9 @@ class CompressionSpec:
     codebook_size: int = 256
     # Tables with fewer rows stay full (MEC's cut_down): their codebooks would cost more than they save.
     min_rows: int = 100_000
+    # The H most frequent ids of each compressed table get codebook entries of their own and
+    # decode exactly (quantize.reserve_exact_rows); the tail keeps K - H entries. 0: none.
+    exact_rows: int = 0
     # Extra keyword arguments of MECQuantizer / PQQuantizer (epochs, lr, sample size, ...).
     quantizer: dict[str, Any] = field(default_factory=dict)
 
@@ -135,6 +138,11 @@ def _check(spec: JobSpec) -> None:
     _at_least("compression.num_subspaces", c.num_subspaces, 1)
     _at_least("compression.codebook_size", c.codebook_size, 1)
     _at_least("compression.min_rows", c.min_rows, 0)
+    if not 0 <= c.exact_rows < c.codebook_size:
+        raise SpecError(
+            f"compression.exact_rows: must be in [0, codebook_size) = [0, {c.codebook_size}) "
+            f"(the tail needs an entry), got {c.exact_rows}"
+        )
     if m.dense_arch_layer_sizes[-1:] != [m.embedding_dim]:
         raise SpecError(
             f"model.dense_arch_layer_sizes: the last size must equal model.embedding_dim "

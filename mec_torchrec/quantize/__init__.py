@@ -1,5 +1,6 @@
 """Product quantization of embedding tables: CompressedTable and the quantizers that make it."""
 
+from mec_torchrec.quantize.exact import head_rows, reserve_exact_rows
 from mec_torchrec.quantize.mec import MECQuantizer
 from mec_torchrec.quantize.pq import PQQuantizer
 from mec_torchrec.quantize.table import CompressedTable, TableFileError, code_dtype, decode_codes
@@ -11,4 +12,6 @@ __all__ = [
     "TableFileError",
     "code_dtype",
     "decode_codes",
+    "head_rows",
+    "reserve_exact_rows",
 ]

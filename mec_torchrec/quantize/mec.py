@@ -250,6 +250,19 @@ class MECQuantizer:
                     state[key][sub, idx] = 0
         return int(dead.sum())
 
+    def sampling_weights(self, counts: torch.Tensor) -> torch.Tensor:
+        """How training draws row j, by ``counts`` [N]: PWR, counts (unseen rows: 1) or 1 each."""
+        if self.use_pwr:
+            return pwr_weights(counts)
+        if self.no_pwr_sampling == "count":
+            return counts.to(device="cpu", dtype=torch.float64).clamp_min(1)
+        return torch.ones(counts.shape[0], dtype=torch.float64)
+
+    def refit_weights(self, counts: torch.Tensor) -> torch.Tensor | None:
+        """Row weights of the final refit (None: every row alike), for a later refit such as
+        :func:`~mec_torchrec.quantize.reserve_exact_rows` to minimise the same error."""
+        return self.sampling_weights(counts) if self.final_weighting == "sampling" else None
+
     def fit(self, weight: torch.Tensor, counts: torch.Tensor) -> CompressedTable:
         """Train on a PWR-weighted sample, encode every row: weight [N, D], counts [N] -> table.
 
@@ -260,12 +273,7 @@ class MECQuantizer:
         gen = torch.Generator().manual_seed(self.seed)
         n, dim = weight.shape
         L, d, dev = self.num_subspaces, dim // self.num_subspaces, self.device
-        if self.use_pwr:
-            row_w = pwr_weights(counts)
-        elif self.no_pwr_sampling == "count":
-            row_w = counts.to(device="cpu", dtype=torch.float64).clamp_min(1)  # unseen rows: 1
-        else:
-            row_w = torch.ones(n, dtype=torch.float64)
+        row_w = self.sampling_weights(counts)
         train_ids, held_ids = split_holdout(n, self.holdout_size, gen)
         if train_ids.shape[0] > self.sample_size:
             pick = torch.randperm(train_ids.shape[0], generator=gen)[: self.sample_size]

@@ -64,6 +64,10 @@ class PQQuantizer:
         self.progress = progress
         self.codebooks: torch.Tensor | None = None
 
+    def refit_weights(self, counts: torch.Tensor) -> torch.Tensor | None:
+        """Row weights of the final refit: every row alike (None), whatever ``counts``."""
+        return None
+
     def fit(self, weight: torch.Tensor, counts: torch.Tensor) -> CompressedTable:
         """Fit codebooks on a sample, encode all rows: weight [N, D], counts [N] -> table."""
         counts = check_fit_inputs(weight, counts, self.num_subspaces, self.codebook_size)
