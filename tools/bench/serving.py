@@ -236,7 +236,7 @@ def model_quality(args: argparse.Namespace) -> None:
 def table_ablation(args: argparse.Namespace) -> None:
     """Test AUC of the fp32 model with each compressed table (then all) swapped for its decoded
     stage-2 rows: how much each table's quantization costs before retraining."""
-    from mec_torchrec.quantize import CompressedTable
+    from mec_torchrec.quantize import CompressedTable, head_rows, reserve_exact_rows
 
     out = Path(args.model)
     model, ds, spec, _ = stage1_model(out)
@@ -249,16 +249,23 @@ def table_ablation(args: argparse.Namespace) -> None:
             return exact_auc(torch.cat([model(b.dense_features, b.sparse_features).view(-1)
                                         for b in batches]), labels)
 
-    decoded = {p.stem: CompressedTable.load(p).decode()
-               for p in sorted((out / "compress").glob("t_*.safetensors"))}
-    original = {name: bags[name].weight.detach().clone() for name in decoded}
+    compressed = {p.stem: CompressedTable.load(p)
+                  for p in sorted((out / "compress").glob("t_*.safetensors"))}
+    original = {name: bags[name].weight.detach().clone() for name in compressed}
+    configs = {c.name: c for c in model.sparse_arch.embedding_bag_collection.embedding_bag_configs()}
+    counts = {name: ds.counts(configs[name].feature_names[0]) for name in compressed}
+    if args.exact_rows:  # as compression.exact_rows would have made them (count-weighted refit)
+        compressed = {name: reserve_exact_rows(original[name], counts[name], table,
+                                               args.exact_rows, counts[name].double().clamp_min(1))
+                      for name, table in compressed.items()}
+    decoded = {name: table.decode() for name, table in compressed.items()}
     if args.keep_top:  # the most frequent train ids keep their fp32 rows
-        configs = {c.name: c for c in model.sparse_arch.embedding_bag_collection.embedding_bag_configs()}
         for name, rows in decoded.items():
-            top = ds.counts(configs[name].feature_names[0]).argsort(descending=True)[:args.keep_top]
+            top = head_rows(counts[name], args.keep_top)
             rows[top] = original[name][top]
     base = auc()
     kept = f", the {args.keep_top} most frequent ids of each kept fp32" if args.keep_top else ""
+    kept += f", {args.exact_rows} exact rows reserved" if args.exact_rows else ""
     print(f"\n== {out}: fp32 test AUC {base:.5f} with compressed tables swapped in (no retraining"
           f"{kept}) ==")
     print("| swapped | test AUC | - fp32 |\n|---|---|---|")
@@ -328,6 +335,9 @@ def main() -> None:
                         help="with --model: fp32 AUC with each compressed table quantized")
     parser.add_argument("--keep-top", type=int, default=0,
                         help="with --table-ablation: the H most frequent ids keep fp32 rows")
+    parser.add_argument("--exact-rows", type=int, default=0,
+                        help="with --table-ablation: reserve entries for the H most frequent ids "
+                        "(quantize.reserve_exact_rows) before swapping the tables in")
     parser.add_argument("--load-threads", type=int, default=0,
                         help="concurrent load check on mec-fp32 with this many threads")
     parser.add_argument("--load-seconds", type=float, default=10.0)
