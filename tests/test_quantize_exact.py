@@ -108,3 +108,10 @@ def test_weight_of_another_shape_is_an_error() -> None:
     weight, counts, table = _table()
     with pytest.raises(ValueError, match="do not match the table"):
         reserve_exact_rows(weight[:-1], counts[:-1], table, H)
+
+
+def test_a_table_of_at_most_h_rows_is_held_exactly() -> None:
+    weight = torch.randn(3, D)
+    table = CompressedTable(torch.zeros(3, L, dtype=torch.uint8), torch.randn(L, K, D // L))
+    exact = reserve_exact_rows(weight, torch.tensor([5, 0, 2]), table, 3)
+    assert torch.equal(exact.decode(), weight)

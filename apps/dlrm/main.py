@@ -220,9 +220,12 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
             say(env, f"[compress] {t.name}: {redo}: quantizing")
         start = time.perf_counter()
         table = quantizer.fit(weight, counts)
-        if c.exact_rows and c.exact_rows <= t.num_embeddings:
+        if c.exact_rows:
+            exact = min(c.exact_rows, t.num_embeddings)
+            if exact < c.exact_rows:
+                say(env, f"[compress] {t.name}: all {exact} rows exact (exact_rows {c.exact_rows})")
             table = quantize.reserve_exact_rows(
-                weight, counts, table, c.exact_rows, quantizer.refit_weights(counts)
+                weight, counts, table, exact, quantizer.refit_weights(counts)
             )
         seconds = time.perf_counter() - start
         table.save(path)

@@ -68,8 +68,9 @@ def reserve_exact_rows(
     for sub in range(num_subspaces):
         mass = torch.bincount(codes[:, sub], weights=tail_w, minlength=size)
         # Least tail mass first; ties go to the higher index so that lower entries stay put.
-        rank = torch.sort(mass * size - torch.arange(size, dtype=torch.float64), stable=True)
-        freed[sub] = rank.indices[:num_rows].sort().values
+        backwards = torch.arange(size - 1, -1, -1)
+        order = backwards[torch.sort(mass[backwards], stable=True).indices]
+        freed[sub] = order[:num_rows].sort().values
     sub_dim = table.dim // num_subspaces
     for sub in range(num_subspaces):
         kept = torch.ones(size, dtype=torch.bool)
