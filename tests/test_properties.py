@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the public readers, loaders and the id remap.
+"""Property-based tests (hypothesis) of the public readers, loaders, the id remap and exact rows.
 
 Each property: for any input drawn, the code either raises its documented error (see
 docs/errors.md) or returns exactly what a small brute-force reference computes; never another
@@ -767,3 +767,45 @@ def test_serving_module_matches_a_brute_force_reference(data, policy: str,
         expected = reference.pooled()
         for f in case.ids:
             torch.testing.assert_close(out[f], expected[f], atol=1e-5, rtol=1e-5)
+
+
+# -- exact head rows -------------------------------------------------------------------------
+
+
+@FEW
+@given(data=st.data())
+def test_reserved_exact_rows_decode_exactly_and_the_tail_keeps_its_own_entries(data) -> None:
+    """Any table, counts (ties included) and 0 < H < K, H <= N: the H rows a brute-force sort
+    ranks first (count descending, then id) decode to their weights, each on entries of its own;
+    every other row sits on a kept entry, at the (weighted) mean of the rows that share it."""
+    from mec_torchrec.quantize import reserve_exact_rows
+
+    n = data.draw(st.integers(1, 40), label="N")
+    subspaces, sub_dim = data.draw(st.sampled_from([(1, 2), (2, 1), (2, 3)]), label="L, d")
+    size = data.draw(st.integers(2, 12), label="K")
+    exact = data.draw(st.integers(1, min(size - 1, n)), label="H")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-4, 5, (n, subspaces * sub_dim), generator=g).float()
+    counts = torch.tensor(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n)))
+    codes = torch.randint(size, (n, subspaces), generator=g)
+    table = CompressedTable(codes, torch.randn(subspaces, size, sub_dim, generator=g))
+    row_weight = data.draw(st.sampled_from([None, "counts"]))
+    refit = None if row_weight is None else counts.double().clamp_min(1)
+    out = reserve_exact_rows(weight, counts, table, exact, refit)
+
+    head = sorted(range(n), key=lambda i: (-int(counts[i]), i))[:exact]
+    assert torch.equal(out.decode(torch.tensor(head)), weight[head])
+    tail = [i for i in range(n) if i not in set(head)]
+    w = torch.ones(n, dtype=torch.float64) if refit is None else refit
+    for sub in range(subspaces):
+        head_entries = {int(out.codes[i, sub]) for i in head}
+        assert len(head_entries) == exact
+        cols = slice(sub * sub_dim, (sub + 1) * sub_dim)
+        for i in tail:
+            entry = int(out.codes[i, sub])
+            assert entry not in head_entries
+            rows = [j for j in tail if int(out.codes[j, sub]) == entry]
+            mean = (weight[rows, cols].double() * w[rows, None]).sum(0) / w[rows].sum()
+            torch.testing.assert_close(out.codebooks[sub, entry].double(), mean, atol=1e-5,
+                                       rtol=1e-5)
