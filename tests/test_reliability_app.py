@@ -186,6 +186,40 @@ def test_compress_with_exact_rows_redoes_every_table_and_keeps_the_head_rows_exa
         assert table.stats["exact_rows"] == 5
 
 
+def test_a_table_of_its_own_l_is_the_only_one_compress_redoes(
+    compress_runs: dict, tmp_path: Path
+) -> None:
+    from mec_torchrec.quantize import CompressedTable
+
+    out = tmp_path / "run"
+    shutil.copytree(compress_runs["out"], out)
+    work = out / "compress"
+    names = sorted(p.stem for p in work.glob("t_*.safetensors"))
+    spec = tmp_path / "per_table.yaml"
+    text = compress_runs["spec"].read_text()
+    spec.write_text(text.replace("num_subspaces: 4", f"num_subspaces: 4\n  num_subspaces_per_table: {{{names[0]}: 8}}"))
+    run = app(spec, out, "compress", "--resume")
+    assert run.returncode == 0, run.stderr[-3000:]
+    did = compress_log(run.stderr)
+    assert did.pop(names[0]).startswith("its inputs changed")
+    assert set(did.values()) == {"skipped"}, did
+    assert [CompressedTable.load(work / f"{n}.safetensors").num_subspaces for n in names] == [
+        8, *[4] * (len(names) - 1)
+    ]
+
+
+def test_a_per_table_setting_for_a_table_not_compressed_is_refused_at_startup(
+    compress_runs: dict, tmp_path: Path
+) -> None:
+    spec = tmp_path / "typo.yaml"
+    text = compress_runs["spec"].read_text()
+    spec.write_text(text.replace("num_subspaces: 4", "num_subspaces: 4\n  num_subspaces_per_table: {t_nope: 8}"))
+    run = app(spec, tmp_path / "run", "all")
+    assert run.returncode == 2
+    assert "compression.num_subspaces_per_table: ['t_nope'] are not compressed tables" in run.stderr
+    assert not (tmp_path / "run" / "pretrain").exists()
+
+
 def torchx(spec: Path, out: Path, logs: Path, *flags: str, **extra: str) -> subprocess.Popen:
     cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={logs}",
            "apps/components.py:dlrm_mec", "--spec", str(spec), "--out", str(out), "--stage",

@@ -186,16 +186,24 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
     for t in big:
         owner[t.name] = min(range(env.world_size), key=load.__getitem__)
         load[owner[t.name]] += t.num_embeddings
-    settings = {
-        "method": c.method,
-        "num_subspaces": c.num_subspaces,
-        "codebook_size": c.codebook_size,
-        "quantizer": c.quantizer,
-        "exact_rows": c.exact_rows,
-    }
-    quantizer = (quantize.MECQuantizer if c.method == "mec" else quantize.PQQuantizer)(
-        num_subspaces=c.num_subspaces, codebook_size=c.codebook_size, **c.quantizer
-    )
+    check_table_settings(spec, ds)
+
+    def settings(name: str) -> dict[str, Any]:  # what table ``name`` is made with
+        return {
+            "method": c.method,
+            "num_subspaces": c.num_subspaces_per_table.get(name, c.num_subspaces),
+            "codebook_size": c.codebook_size,
+            "quantizer": c.quantizer,
+            "exact_rows": c.exact_rows,
+        }
+
+    def make_quantizer(name: str) -> Any:
+        cls = quantize.MECQuantizer if c.method == "mec" else quantize.PQQuantizer
+        return cls(
+            num_subspaces=settings(name)["num_subspaces"],
+            codebook_size=c.codebook_size,
+            **c.quantizer,
+        )
     if env.is_main:  # tables a changed min_rows no longer compresses: stage 3 must not load them
         names = {t.name for t in big}
         for stale in work.glob("t_*.*"):
@@ -210,7 +218,7 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
         weight = torch.empty(t.num_embeddings, t.embedding_dim)
         checkpoint.load_local(best, {"model": {table_key(t.name): weight}})
         counts = ds.counts(t.feature_names[0])
-        inputs = inputs_sha256(weight, counts, settings)
+        inputs = inputs_sha256(weight, counts, settings(t.name))
         path, info = work / f"{t.name}.safetensors", work / f"{t.name}.json"
         if resume:
             redo = redo_reason(path, info, inputs)
@@ -219,6 +227,7 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
                 continue
             say(env, f"[compress] {t.name}: {redo}: quantizing")
         start = time.perf_counter()
+        quantizer = make_quantizer(t.name)
         table = quantizer.fit(weight, counts)
         if c.exact_rows:
             exact = min(c.exact_rows, t.num_embeddings)
@@ -406,6 +415,18 @@ def on_main(env: Env, check: Callable[[], None]) -> None:
         raise StorageError(*box[0])
 
 
+def check_table_settings(spec: JobSpec, ds: ProcessedDataset) -> None:
+    """Per-table settings must name tables stage 2 compresses (a typo would be ignored)."""
+    c = spec.compression
+    names = sorted(f"t_{f}" for f in ds.feature_names if ds.num_embeddings[f] >= c.min_rows)
+    unknown = sorted(set(c.num_subspaces_per_table) - set(names))
+    if unknown:
+        raise DataError(
+            f"compression.num_subspaces_per_table: {unknown} are not compressed tables "
+            f"(the tables of >= min_rows {c.min_rows} ids: {names})"
+        )
+
+
 def output_bytes(spec: JobSpec, ds: ProcessedDataset, stages: list[str]) -> int:
     """A lower bound on the peak bytes ``stages`` write: model weights, no optimizer state.
 
@@ -417,7 +438,11 @@ def output_bytes(spec: JobSpec, ds: ProcessedDataset, stages: list[str]) -> int:
     full = sum(rows) * dim * 4
     code_bytes = 1 if c.codebook_size <= 256 else 2
     codebooks = c.codebook_size * dim * 4
-    compressed = sum(n * c.num_subspaces * code_bytes + codebooks for n in rows if n >= c.min_rows)
+    compressed = sum(
+        n * c.num_subspaces_per_table.get(f"t_{f}", c.num_subspaces) * code_bytes + codebooks
+        for f, n in zip(ds.feature_names, rows, strict=True)
+        if n >= c.min_rows
+    )
     small = sum(n * dim * 4 for n in rows if n < c.min_rows)
     sizes = {
         "pretrain": 4 * full,
@@ -488,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise DataError(f"--stage {stages[0]} needs {missing}: run the earlier stages first")
         todo = [s for s in stages if not (resume and (out / s / "result.json").exists())]
+        check_table_settings(spec, ds)
         needed = output_bytes(spec, ds, todo)
         on_main(env, lambda: check_output_dir(out, needed, f"stages {', '.join(todo)}"))
     except (DataError, StorageError) as e:

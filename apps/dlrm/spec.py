@@ -41,6 +41,8 @@ class CompressionSpec:
 
     method: Literal["mec", "pq"] = "mec"
     num_subspaces: int = 4
+    # Table name -> its own L (e.g. {t_C4: 8}): more code bytes where the error costs most.
+    num_subspaces_per_table: dict[str, int] = field(default_factory=dict)
     codebook_size: int = 256
     # Tables with fewer rows stay full (MEC's cut_down): their codebooks would cost more than they save.
     min_rows: int = 100_000
@@ -152,11 +154,15 @@ def _check(spec: JobSpec) -> None:
         raise SpecError(
             f"model.over_arch_layer_sizes: must end with 1, got {m.over_arch_layer_sizes}"
         )
-    if m.embedding_dim % c.num_subspaces:
-        raise SpecError(
-            f"compression.num_subspaces: {c.num_subspaces} does not divide "
-            f"model.embedding_dim {m.embedding_dim}"
-        )
+    for key, subspaces in [("num_subspaces", c.num_subspaces),
+                           *((f"num_subspaces_per_table.{t}", v)
+                             for t, v in c.num_subspaces_per_table.items())]:  # fmt: skip
+        _at_least(f"compression.{key}", subspaces, 1)
+        if m.embedding_dim % subspaces:
+            raise SpecError(
+                f"compression.{key}: {subspaces} does not divide "
+                f"model.embedding_dim {m.embedding_dim}"
+            )
     for name in ("training", "retrain"):
         t: TrainingSpec = getattr(spec, name)
         for key in ("batch_size", "eval_batch_size", "epochs"):
@@ -231,6 +237,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise SpecError(f"{key}: expected a mapping with string keys, got {_show(value)}")
+        if args and args[1] is not Any:
+            return {k: _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
