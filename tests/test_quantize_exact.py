@@ -31,7 +31,9 @@ def test_head_rows_are_the_most_frequent_ids_ties_to_the_lower_id() -> None:
 
 def test_head_rows_decode_exactly_and_own_their_entries() -> None:
     weight, counts, table = _table()
+    codes, codebooks = table.codes.clone(), table.codebooks.clone()
     exact = reserve_exact_rows(weight, counts, table, H)
+    assert torch.equal(table.codes, codes) and torch.equal(table.codebooks, codebooks)  # untouched
     head = head_rows(counts, H)
     assert torch.equal(exact.decode(head), weight[head])
     tail = torch.ones(N, dtype=torch.bool)

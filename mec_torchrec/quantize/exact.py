@@ -41,7 +41,8 @@ def reserve_exact_rows(
     recomputed over the new codes (the fit's other stats kept), with ``exact_rows`` = H.
 
     Args:
-        weight: the table's original rows [N, D] the codes were fitted to.
+        weight: the table's original rows [N, D] the codes were fitted to (any device; the
+            result is on the CPU, read chunk by chunk as the quantizers' refit does).
         counts: training-split occurrence count per row [N]; the head is the top ``num_rows``.
         table: codes [N, L] and codebooks [L, K, D / L] of ``weight``.
         num_rows: H, with 0 < H < K (the tail keeps at least one entry) and H <= N.
@@ -60,8 +61,8 @@ def reserve_exact_rows(
     head = head_rows(counts, num_rows)
     is_head = torch.zeros(n, dtype=torch.bool)
     is_head[head] = True
-    codes = table.codes.long().clone()
-    codebooks = table.codebooks.clone()
+    codes = table.codes.to("cpu", torch.long, copy=True)
+    codebooks = table.codebooks.cpu().clone()
     mass_w = torch.ones(n, dtype=torch.float64) if row_weight is None else row_weight.double().cpu()
     tail_w = mass_w.masked_fill(is_head, 0)
     freed = torch.empty(num_subspaces, num_rows, dtype=torch.long)
@@ -79,12 +80,14 @@ def reserve_exact_rows(
         moved = (~kept[codes[:, sub]] & ~is_head).nonzero().squeeze(1)
         for start in range(0, moved.numel(), chunk_rows):
             rows = moved[start : start + chunk_rows]
-            x = weight[rows, sub * sub_dim : (sub + 1) * sub_dim].float().view(-1, 1, sub_dim)
+            x = weight[rows.to(weight.device), sub * sub_dim : (sub + 1) * sub_dim]
+            x = x.to("cpu", torch.float32).view(-1, 1, sub_dim)
             near = sq_dists(x, codebooks[sub : sub + 1, kept_ids]).argmin(-1).squeeze(0)
             codes[rows, sub] = kept_ids[near]
         codes[head, sub] = freed[sub]
     codebooks = refit_codebooks(weight, codes, codebooks, row_weight=tail_w)
-    head_x = weight[head].float().view(num_rows, num_subspaces, sub_dim)
+    head_x = weight[head.to(weight.device)].to("cpu", torch.float32)
+    head_x = head_x.view(num_rows, num_subspaces, sub_dim)
     for sub in range(num_subspaces):
         codebooks[sub, freed[sub]] = head_x[:, sub]
     stats = {**table.stats, **quality_stats(weight, codes, codebooks, counts), "exact_rows": num_rows}
