@@ -158,6 +158,24 @@ def test_the_startup_space_check_asks_for_no_more_than_the_stages_write(
     assert 0.5 * tables <= output_bytes(spec, ds, ["compress"]) <= tables
 
 
+def compress_again_with(
+    compress_runs: dict, tmp_path: Path, setting: str
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """A copy of the fixture's finished job, its compress stage resumed with ``setting`` (one
+    YAML line) added to the compression section: (output folder, completed process)."""
+    out = tmp_path / "run"
+    shutil.copytree(compress_runs["out"], out)
+    spec = with_compression_setting(compress_runs, tmp_path, setting)
+    return out, app(spec, out, "compress", "--resume")
+
+
+def with_compression_setting(compress_runs: dict, tmp_path: Path, setting: str) -> Path:
+    spec = tmp_path / "edited.yaml"
+    text = compress_runs["spec"].read_text()
+    spec.write_text(text.replace("  min_rows: 1300", f"  {setting}\n  min_rows: 1300"))
+    return spec
+
+
 def test_compress_with_exact_rows_redoes_every_table_and_keeps_the_head_rows_exact(
     compress_runs: dict, tmp_path: Path
 ) -> None:
@@ -166,12 +184,7 @@ def test_compress_with_exact_rows_redoes_every_table_and_keeps_the_head_rows_exa
     from mec_torchrec.data import ProcessedDataset
     from mec_torchrec.quantize import CompressedTable, head_rows
 
-    out = tmp_path / "run"
-    shutil.copytree(compress_runs["out"], out)
-    spec = tmp_path / "exact.yaml"
-    text = compress_runs["spec"].read_text().replace("min_rows: 1300", "min_rows: 1300\n  exact_rows: 5")
-    spec.write_text(text)
-    run = app(spec, out, "compress", "--resume")
+    out, run = compress_again_with(compress_runs, tmp_path, "exact_rows: 5")
     assert run.returncode == 0, run.stderr[-3000:]
     assert set(compress_log(run.stderr).values()) == {
         "its inputs changed (pretrained weights, id counts or quantizer settings)"
@@ -191,18 +204,15 @@ def test_a_table_of_its_own_l_is_the_only_one_compress_redoes(
 ) -> None:
     from mec_torchrec.quantize import CompressedTable
 
-    out = tmp_path / "run"
-    shutil.copytree(compress_runs["out"], out)
-    work = out / "compress"
-    names = sorted(p.stem for p in work.glob("t_*.safetensors"))
-    spec = tmp_path / "per_table.yaml"
-    text = compress_runs["spec"].read_text()
-    spec.write_text(text.replace("num_subspaces: 4", f"num_subspaces: 4\n  num_subspaces_per_table: {{{names[0]}: 8}}"))
-    run = app(spec, out, "compress", "--resume")
+    names = sorted(p.stem for p in (compress_runs["out"] / "compress").glob("t_*.safetensors"))
+    out, run = compress_again_with(
+        compress_runs, tmp_path, f"num_subspaces_per_table: {{{names[0]}: 8}}"
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     did = compress_log(run.stderr)
     assert did.pop(names[0]).startswith("its inputs changed")
     assert set(did.values()) == {"skipped"}, did
+    work = out / "compress"
     assert [CompressedTable.load(work / f"{n}.safetensors").num_subspaces for n in names] == [
         8, *[4] * (len(names) - 1)
     ]
@@ -211,9 +221,7 @@ def test_a_table_of_its_own_l_is_the_only_one_compress_redoes(
 def test_a_per_table_setting_for_a_table_not_compressed_is_refused_at_startup(
     compress_runs: dict, tmp_path: Path
 ) -> None:
-    spec = tmp_path / "typo.yaml"
-    text = compress_runs["spec"].read_text()
-    spec.write_text(text.replace("num_subspaces: 4", "num_subspaces: 4\n  num_subspaces_per_table: {t_nope: 8}"))
+    spec = with_compression_setting(compress_runs, tmp_path, "num_subspaces_per_table: {t_nope: 8}")
     run = app(spec, tmp_path / "run", "all")
     assert run.returncode == 2
     assert "compression.num_subspaces_per_table: ['t_nope'] are not compressed tables" in run.stderr

@@ -186,24 +186,16 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
     for t in big:
         owner[t.name] = min(range(env.world_size), key=load.__getitem__)
         load[owner[t.name]] += t.num_embeddings
-    check_table_settings(spec, ds)
 
     def settings(name: str) -> dict[str, Any]:  # what table ``name`` is made with
         return {
             "method": c.method,
-            "num_subspaces": c.num_subspaces_per_table.get(name, c.num_subspaces),
+            "num_subspaces": c.subspaces(name),
             "codebook_size": c.codebook_size,
             "quantizer": c.quantizer,
             "exact_rows": c.exact_rows,
         }
 
-    def make_quantizer(name: str) -> Any:
-        cls = quantize.MECQuantizer if c.method == "mec" else quantize.PQQuantizer
-        return cls(
-            num_subspaces=settings(name)["num_subspaces"],
-            codebook_size=c.codebook_size,
-            **c.quantizer,
-        )
     if env.is_main:  # tables a changed min_rows no longer compresses: stage 3 must not load them
         names = {t.name for t in big}
         for stale in work.glob("t_*.*"):
@@ -227,7 +219,7 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
                 continue
             say(env, f"[compress] {t.name}: {redo}: quantizing")
         start = time.perf_counter()
-        quantizer = make_quantizer(t.name)
+        quantizer = c.make_quantizer(t.name)
         table = quantizer.fit(weight, counts)
         if c.exact_rows:
             exact = min(c.exact_rows, t.num_embeddings)
@@ -439,7 +431,7 @@ def output_bytes(spec: JobSpec, ds: ProcessedDataset, stages: list[str]) -> int:
     code_bytes = 1 if c.codebook_size <= 256 else 2
     codebooks = c.codebook_size * dim * 4
     compressed = sum(
-        n * c.num_subspaces_per_table.get(f"t_{f}", c.num_subspaces) * code_bytes + codebooks
+        n * c.subspaces(f"t_{f}") * code_bytes + codebooks
         for f, n in zip(ds.feature_names, rows, strict=True)
         if n >= c.min_rows
     )

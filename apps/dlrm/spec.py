@@ -52,6 +52,19 @@ class CompressionSpec:
     # Extra keyword arguments of MECQuantizer / PQQuantizer (epochs, lr, sample size, ...).
     quantizer: dict[str, Any] = field(default_factory=dict)
 
+    def subspaces(self, table: str) -> int:
+        """L of ``table``: its own from ``num_subspaces_per_table``, else ``num_subspaces``."""
+        return self.num_subspaces_per_table.get(table, self.num_subspaces)
+
+    def make_quantizer(self, table: str) -> Any:
+        """The quantizer stage 2 fits ``table`` with (MECQuantizer or PQQuantizer)."""
+        from mec_torchrec.quantize import MECQuantizer, PQQuantizer
+
+        cls = MECQuantizer if self.method == "mec" else PQQuantizer
+        return cls(
+            num_subspaces=self.subspaces(table), codebook_size=self.codebook_size, **self.quantizer
+        )
+
 
 @dataclass(frozen=True)
 class TrainingSpec:
@@ -189,13 +202,11 @@ def _at_least(key: str, value: float, low: int) -> None:
 
 def _check_quantizer(c: CompressionSpec) -> None:
     """Build the stage-2 quantizer now, so a bad argument fails before stage 1 runs."""
-    from mec_torchrec.quantize import MECQuantizer, PQQuantizer
-
-    cls = MECQuantizer if c.method == "mec" else PQQuantizer
+    name = "MECQuantizer" if c.method == "mec" else "PQQuantizer"
     try:
-        cls(num_subspaces=c.num_subspaces, codebook_size=c.codebook_size, **c.quantizer)
+        c.make_quantizer("")  # a table of the default L
     except (TypeError, ValueError, RuntimeError) as e:
-        raise SpecError(f"compression.quantizer: {cls.__name__} refuses it: {e}") from None
+        raise SpecError(f"compression.quantizer: {name} refuses it: {e}") from None
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

@@ -66,14 +66,13 @@ def reserve_exact_rows(
     mass_w = torch.ones(n, dtype=torch.float64) if row_weight is None else row_weight.double().cpu()
     tail_w = mass_w.masked_fill(is_head, 0)
     freed = torch.empty(num_subspaces, num_rows, dtype=torch.long)
+    sub_dim = table.dim // num_subspaces
+    backwards = torch.arange(size - 1, -1, -1)
     for sub in range(num_subspaces):
         mass = torch.bincount(codes[:, sub], weights=tail_w, minlength=size)
         # Least tail mass first; ties go to the higher index so that lower entries stay put.
-        backwards = torch.arange(size - 1, -1, -1)
         order = backwards[torch.sort(mass[backwards], stable=True).indices]
         freed[sub] = order[:num_rows].sort().values
-    sub_dim = table.dim // num_subspaces
-    for sub in range(num_subspaces):
         kept = torch.ones(size, dtype=torch.bool)
         kept[freed[sub]] = False
         kept_ids = kept.nonzero().squeeze(1)

@@ -254,10 +254,11 @@ def table_ablation(args: argparse.Namespace) -> None:
     original = {name: bags[name].weight.detach().clone() for name in compressed}
     configs = {c.name: c for c in model.sparse_arch.embedding_bag_collection.embedding_bag_configs()}
     counts = {name: ds.counts(configs[name].feature_names[0]) for name in compressed}
-    if args.exact_rows:  # as compression.exact_rows would have made them (count-weighted refit)
-        compressed = {name: reserve_exact_rows(original[name], counts[name], table,
-                                               args.exact_rows, counts[name].double().clamp_min(1))
-                      for name, table in compressed.items()}
+    if args.exact_rows:  # as compression.exact_rows would have made them
+        compressed = {
+            name: reserve_exact_rows(original[name], counts[name], table, args.exact_rows,
+                                     spec.compression.make_quantizer(name).refit_weights(counts[name]))
+            for name, table in compressed.items()}  # fmt: skip
     decoded = {name: table.decode() for name, table in compressed.items()}
     if args.keep_top:  # the most frequent train ids keep their fp32 rows
         for name, rows in decoded.items():
