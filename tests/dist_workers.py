@@ -14,6 +14,7 @@ from dist_models import (
     BATCH_SIZE,
     COMPRESSED,
     COMPRESSION,
+    FEATURES,
     LR,
     TABLES,
     TinyModel,
@@ -46,9 +47,11 @@ from mec_torchrec.distributed.gather import gathered_state_dict
 from mec_torchrec.export import export_model
 from mec_torchrec.export.reader import read_manifest, read_table
 from mec_torchrec.modules import MECEmbeddingBagCollection
+from mec_torchrec.quantize import FisherCollector
 
 SEED = 7
 CPU = torch.device("cpu")
+DIM_OF = {f: t.embedding_dim for t in TABLES for f in t.feature_names}
 
 
 def wrap(kind: str, seed: int | None = None, kernel: str = "auto") -> DistributedModelParallel:
@@ -146,6 +149,42 @@ def check_pipeline(kind: str) -> None:
     run_pipeline(wrap(kind, SEED), 4)
 
 
+def check_fisher(kind: str) -> None:
+    """FisherCollector on the sharded collection (its LazyAwaitable output), summed over the
+    ranks, equals the per-sample definition on the unsharded model over every rank's batches;
+    the fused optimizer never steps and no parameter gets a gradient."""
+    dmp = wrap(kind, SEED)
+    before = {k: local_values(v) for k, v in dmp.state_dict().items()}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    collector = FisherCollector(dmp.module.sparse, FEATURES)
+    with collector:
+        for i in range(2):
+            loss, _ = dmp(batch(500 + 10 * rank + i))
+            collector.accumulate(loss * BATCH_SIZE)  # the model's loss is the batch mean
+    collector.all_reduce()
+    got = collector.fisher()
+    reference = reference_model(SEED)
+    want = {f: torch.zeros(DIM_OF[f], DIM_OF[f], dtype=torch.float64) for f in FEATURES}
+    seeds = [500 + 10 * r + i for r in range(world) for i in range(2)]
+    for seed in seeds:
+        b = batch(seed)
+        pooled = reference.sparse(b.sparse_features).to_dict()
+        for row in range(BATCH_SIZE):
+            leaves = [pooled[f][row : row + 1].detach().requires_grad_() for f in FEATURES]
+            logit = reference.head(torch.cat(leaves, dim=1)).squeeze(-1)
+            label = b.labels[row : row + 1]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, label)
+            for f, g in zip(FEATURES, torch.autograd.grad(loss, leaves), strict=True):
+                want[f] += g.double().T @ g.double()
+    assert collector.num_samples == len(seeds) * BATCH_SIZE, collector.num_samples
+    assert sorted(got) == sorted(FEATURES), sorted(got)
+    for f in FEATURES:
+        torch.testing.assert_close(got[f], want[f] / collector.num_samples, rtol=1e-5, atol=1e-9)
+    assert all(p.grad is None for p in dmp.parameters())
+    for key, value in dmp.state_dict().items():
+        assert torch.equal(local_values(value), before[key]), f"{key} changed"
+
+
 def sharding_body(recorder: CheckRecorder, kinds: list[str]) -> None:
     """Forward equality and training for each plan kind, the pipeline, and the loading paths."""
     for kind in kinds:
@@ -153,6 +192,8 @@ def sharding_body(recorder: CheckRecorder, kinds: list[str]) -> None:
         recorder.run(f"training[{kind}]", check_training, kind)
         if kind in ("table_wise", "planner"):
             recorder.run(f"pipeline[{kind}]", check_pipeline, kind)
+        if kind in ("table_wise", "row_wise"):
+            recorder.run(f"fisher[{kind}]", check_fisher, kind)
     recorder.run("zero_codes_before_loading", check_zero_codes, "row_wise")
     recorder.run("codes_broadcast_from_rank_0", check_codes_broadcast, "table_wise")
     recorder.run("load_compressed_tables", check_load_tables, "row_wise")

@@ -84,6 +84,8 @@ def test_bad_spec_is_an_error_naming_the_key(tmp_path: Path, text: str, message:
         ("model: {over_arch_layer_sizes: [16, 2]}", "model.over_arch_layer_sizes: must end with 1"),
         ("compression: {num_subspaces: 5}", "compression.num_subspaces: 5 does not divide"),
         ("compression: {exact_rows: 256}", "compression.exact_rows: must be in [0, codebook_size)"),
+        ("compression: {fisher_samples: -1}", "compression.fisher_samples: must be >= 0, got -1"),
+        ("compression: {fisher_ridge: 0}", "compression.fisher_ridge: must be > 0, got 0.0"),
         ("compression: {num_subspaces_per_table: {t_C4: 5}}",
          "compression.num_subspaces_per_table.t_C4: 5 does not divide"),
         ("compression: {num_subspaces_per_table: {t_C4: 0}}",

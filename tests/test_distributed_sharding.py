@@ -36,6 +36,13 @@ def test_train_pipeline_sparse_dist_matches_unsharded_first_step(
     assert_check(results, f"pipeline[{kind}]")
 
 
+@pytest.mark.parametrize("kind", ["table_wise", "row_wise"])
+def test_fisher_collector_on_a_sharded_collection_sums_every_ranks_samples(
+    results: list[dict[str, str]], kind: str
+) -> None:
+    assert_check(results, f"fisher[{kind}]")
+
+
 def test_dmp_from_meta_zero_fills_codes_until_loaded(results: list[dict[str, str]]) -> None:
     assert_check(results, "zero_codes_before_loading")
 

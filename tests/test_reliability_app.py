@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -280,3 +281,62 @@ def test_torchx_job_with_a_rank_killed_in_stage_3_restarts_and_matches_an_uninte
     assert got["best_step"] == ref["best_step"]
     for split in ("valid", "test"):  # the untrained model, evaluated by the first attempt
         assert got["start"][split]["auc"] == ref["start"][split]["auc"]
+
+
+def loss_error(table: Any, weight: torch.Tensor, fisher: torch.Tensor) -> float:
+    """sum over rows of (x_hat - x)^T F (x_hat - x): the error a loss-metric fit minimises."""
+    err = (table.decode() - weight).double()
+    return float(torch.einsum("ni,ij,nj->", err, fisher, err))
+
+
+def test_compress_in_the_loss_metric_lowers_its_error_and_reuses_its_fisher_on_resume(
+    compress_runs: dict, tmp_path: Path
+) -> None:
+    from safetensors import safe_open
+
+    from apps.dlrm import checkpoint
+    from apps.dlrm.main import table_key
+    from mec_torchrec.quantize import CompressedTable
+
+    out, run = compress_again_with(compress_runs, tmp_path, "fisher_samples: 600")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert set(compress_log(run.stderr).values()) == {
+        "its inputs changed (pretrained weights, id counts or quantizer settings)"
+    }
+    # 600 samples on one rank: 3 batches of 256.
+    assert "[compress] loss metric: Fisher of 3 tables from 768 samples" in run.stderr
+    plain_dir, work = compress_runs["out"] / "compress", out / "compress"
+    names = sorted(p.stem for p in work.glob("t_*.safetensors"))
+    with safe_open(work / "fisher.safetensors", "pt") as f:
+        assert f.metadata()["samples"] == "768" and sorted(f.keys()) == names
+        fisher = {name: f.get_tensor(name) for name in names}
+    gained = []
+    for name in names:
+        matrix = fisher[name]
+        assert matrix.shape == (16, 16) and torch.allclose(matrix, matrix.T)
+        assert float(torch.linalg.eigvalsh(matrix).min()) > -1e-12
+        rows = CompressedTable.load(work / f"{name}.safetensors").num_rows
+        weight = torch.empty(rows, 16)
+        checkpoint.load_local(out / "pretrain" / "best", {"model": {table_key(name): weight}})
+        plain, metric = (CompressedTable.load(d / f"{name}.safetensors") for d in (plain_dir, work))
+        gained.append(loss_error(plain, weight, matrix) - loss_error(metric, weight, matrix))
+    assert sum(gained) > 0, gained
+    # As if killed after the first table: resumed, the Fisher file and that table are reused.
+    (work / "result.json").unlink()
+    for name in names[1:]:
+        (work / f"{name}.json").unlink()
+    spec = with_compression_setting(compress_runs, tmp_path, "fisher_samples: 600")
+    again = app(spec, out, "compress", "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[compress] loss metric: reusing" in again.stderr
+    assert compress_log(again.stderr) == {
+        names[0]: "skipped", **{name: "not done" for name in names[1:]}
+    }
+    # Another ridge: the same Fisher, every table made again with it.
+    ridge = with_compression_setting(compress_runs, tmp_path, "fisher_samples: 600\n  fisher_ridge: 0.5")
+    third = app(ridge, out, "compress", "--resume")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "[compress] loss metric: reusing" in third.stderr
+    assert set(compress_log(third.stderr).values()) == {
+        "its inputs changed (pretrained weights, id counts or quantizer settings)"
+    }

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchrec import EmbeddingBagConfig
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.sharding_plan import get_default_sharders as torchrec_sharders
 
@@ -53,7 +54,13 @@ from apps.dlrm.model import (
 )
 from apps.dlrm.spec import JobSpec, SpecError, load_job_spec, spec_to_dict
 from mec_torchrec.data import DataError, ProcessedDataset, load_dataset_spec, prepare_dataset
-from mec_torchrec.io import StorageError, atomic_write_text, check_output_dir, file_sha256
+from mec_torchrec.io import (
+    StorageError,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_output_dir,
+    file_sha256,
+)
 
 STAGES = ("pretrain", "compress", "train")
 
@@ -188,13 +195,21 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
         load[owner[t.name]] += t.num_embeddings
 
     def settings(name: str) -> dict[str, Any]:  # what table ``name`` is made with
-        return {
+        made_with = {
             "method": c.method,
             "num_subspaces": c.subspaces(name),
             "codebook_size": c.codebook_size,
             "quantizer": c.quantizer,
             "exact_rows": c.exact_rows,
         }
+        if c.fisher_samples:  # absent when off: tables made before the option stay valid
+            fisher_bytes = fisher[name].contiguous().numpy().tobytes()
+            made_with["fisher"] = {
+                "samples": c.fisher_samples,
+                "ridge": c.fisher_ridge,
+                "sha256": hashlib.sha256(fisher_bytes).hexdigest(),
+            }
+        return made_with
 
     if env.is_main:  # tables a changed min_rows no longer compresses: stage 3 must not load them
         names = {t.name for t in big}
@@ -203,6 +218,7 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
                 stale.unlink()
     best = out / "pretrain" / "best"
     checkpoint.require(best)  # all ranks hash a share; then each reads its tables alone
+    fisher = loss_fisher(spec, ds, env, out, big) if c.fisher_samples else {}
     done = 0
     for t in big:
         if owner[t.name] != env.rank:
@@ -220,14 +236,22 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
             say(env, f"[compress] {t.name}: {redo}: quantizing")
         start = time.perf_counter()
         quantizer = c.make_quantizer(t.name)
-        table = quantizer.fit(weight, counts)
+        metric, fit_weight = None, weight
+        if c.fisher_samples:  # fit in the loss's metric, then map the codebooks back
+            metric = quantize.SubspaceMetric.from_fisher(
+                fisher[t.name], c.subspaces(t.name), c.fisher_ridge, weight
+            )
+            fit_weight = metric.apply(weight)
+        table = quantizer.fit(fit_weight, counts)
         if c.exact_rows:
             exact = min(c.exact_rows, t.num_embeddings)
             if exact < c.exact_rows:
                 say(env, f"[compress] {t.name}: all {exact} rows exact (exact_rows {c.exact_rows})")
             table = quantize.reserve_exact_rows(
-                weight, counts, table, exact, quantizer.refit_weights(counts)
+                fit_weight, counts, table, exact, quantizer.refit_weights(counts)
             )
+        if metric is not None:
+            table = metric.restore(table, weight, counts)
         seconds = time.perf_counter() - start
         table.save(path)
         # The record is written last: it marks the table done, with what it was made from.
@@ -255,6 +279,70 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
             if t.num_embeddings < c.min_rows
         },
     }
+
+
+def loss_fisher(
+    spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, big: list[EmbeddingBagConfig]
+) -> dict[str, torch.Tensor]:
+    """Per table of ``big``: the empirical Fisher [D, D] (float64) of the stage-1 model's loss
+    w.r.t. the table's pooled embedding, over ``compression.fisher_samples`` shuffled train rows
+    (rounded up to whole batches, split across the ranks; quantize.FisherCollector).
+
+    Kept in ``compress/fisher.safetensors`` with a checksum of what it is made from (the stage-1
+    checkpoint, the sample count, the seed, the tables), so a resumed compress reuses it even on
+    another number of ranks, and the tables made with it stay done.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import save as save_tensors
+
+    from mec_torchrec.quantize import FisherCollector
+
+    c, t = spec.compression, spec.training
+    path = out / "compress" / "fisher.safetensors"
+    digest = hashlib.sha256((out / "pretrain" / "best" / checkpoint.MANIFEST).read_bytes())
+    made_of = [c.fisher_samples, t.seed, t.batch_size, [cfg.name for cfg in big]]
+    digest.update(json.dumps(made_of).encode())
+    key = digest.hexdigest()
+    if path.exists():
+        try:
+            with safe_open(path, "pt") as f:
+                if (f.metadata() or {}).get("inputs_sha256") == key:
+                    say(env, f"[compress] loss metric: reusing {path}")
+                    return {cfg.name: f.get_tensor(cfg.name) for cfg in big}
+        except (OSError, SafetensorError) as e:  # truncated, not safetensors: made again below
+            say(env, f"[compress] loss metric: {path} is unusable ({e}): computing it again")
+    start = time.perf_counter()
+    tables = table_configs(ds.feature_names, ds.num_embeddings, spec.model.embedding_dim)
+    torch.manual_seed(t.seed)
+    model = build_dlrm(full_ebc(tables), spec.model, len(ds.dense_names))
+    register_embedding_optimizer(model.model.sparse_arch.parameters(), t, 0.0)  # never steps
+    dmp, _ = plan_and_shard(model, env, torchrec_sharders(), None, t.batch_size)
+    checkpoint.load(out / "pretrain" / "best", {"model": dmp.state_dict()})
+    dmp.eval()
+    sparse_arch = dmp.module.model.sparse_arch
+    collector = FisherCollector(sparse_arch, sparse_arch.sparse_feature_names)
+    wanted = -(-c.fisher_samples // (env.world_size * t.batch_size))  # batches per rank
+    batches = stage_data(ds, env).batches("train", t.batch_size, True, t.seed)
+    with collector:
+        for step, batch in enumerate(batches):
+            if step == wanted:
+                break
+            batch = batch.to(env.device)
+            loss, _ = dmp(batch)  # the mean loss of the batch: times B, each sample's own
+            collector.accumulate(loss * batch.labels.numel())
+    collector.all_reduce()
+    per_feature = collector.fisher()
+    fisher = {cfg.name: sum(per_feature[f] for f in cfg.feature_names) for cfg in big}
+    if env.is_main:
+        meta = {"inputs_sha256": key, "samples": str(collector.num_samples)}
+        atomic_write_bytes(path, save_tensors(fisher, metadata=meta))
+    dist.barrier()
+    say(
+        env,
+        f"[compress] loss metric: Fisher of {len(big)} tables from {collector.num_samples} "
+        f"samples, {time.perf_counter() - start:.1f}s",
+    )
+    return fisher
 
 
 def say(env: Env, msg: str) -> None:

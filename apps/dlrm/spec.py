@@ -49,6 +49,12 @@ class CompressionSpec:
     # The H most frequent ids of each compressed table get codebook entries of their own and
     # decode exactly (quantize.reserve_exact_rows); the tail keeps K - H entries. 0: none.
     exact_rows: int = 0
+    # Fit each table in its loss's metric (quantize.metric): the empirical Fisher of the stage-1
+    # model's loss w.r.t. the table's pooled embedding, over this many train samples (all ranks
+    # together), one block per subspace. 0: plain squared error.
+    fisher_samples: int = 0
+    # Added to each normalised Fisher block, in units of the block's mean eigenvalue.
+    fisher_ridge: float = 0.05
     # Extra keyword arguments of MECQuantizer / PQQuantizer (epochs, lr, sample size, ...).
     quantizer: dict[str, Any] = field(default_factory=dict)
 
@@ -158,6 +164,9 @@ def _check(spec: JobSpec) -> None:
             f"compression.exact_rows: must be in [0, codebook_size) = [0, {c.codebook_size}) "
             f"(the tail needs an entry), got {c.exact_rows}"
         )
+    _at_least("compression.fisher_samples", c.fisher_samples, 0)
+    if not c.fisher_ridge > 0:
+        raise SpecError(f"compression.fisher_ridge: must be > 0, got {c.fisher_ridge}")
     if m.dense_arch_layer_sizes[-1:] != [m.embedding_dim]:
         raise SpecError(
             f"model.dense_arch_layer_sizes: the last size must equal model.embedding_dim "
