@@ -170,6 +170,13 @@ def compress_again_with(
     return out, app(spec, out, "compress", "--resume")
 
 
+def assert_every_table_redone(run: subprocess.CompletedProcess) -> None:
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert set(compress_log(run.stderr).values()) == {
+        "its inputs changed (pretrained weights, id counts or quantizer settings)"
+    }
+
+
 def with_compression_setting(compress_runs: dict, tmp_path: Path, setting: str) -> Path:
     spec = tmp_path / "edited.yaml"
     text = compress_runs["spec"].read_text()
@@ -186,10 +193,7 @@ def test_compress_with_exact_rows_redoes_every_table_and_keeps_the_head_rows_exa
     from mec_torchrec.quantize import CompressedTable, head_rows
 
     out, run = compress_again_with(compress_runs, tmp_path, "exact_rows: 5")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert set(compress_log(run.stderr).values()) == {
-        "its inputs changed (pretrained weights, id counts or quantizer settings)"
-    }
+    assert_every_table_redone(run)
     ds = ProcessedDataset(out / "data")
     for path in sorted((out / "compress").glob("t_*.safetensors")):
         table = CompressedTable.load(path)
@@ -299,10 +303,7 @@ def test_compress_in_the_loss_metric_lowers_its_error_and_reuses_its_fisher_on_r
     from mec_torchrec.quantize import CompressedTable
 
     out, run = compress_again_with(compress_runs, tmp_path, "fisher_samples: 600")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert set(compress_log(run.stderr).values()) == {
-        "its inputs changed (pretrained weights, id counts or quantizer settings)"
-    }
+    assert_every_table_redone(run)
     # 600 samples on one rank: 3 batches of 256.
     assert "[compress] loss metric: Fisher of 3 tables from 768 samples" in run.stderr
     plain_dir, work = compress_runs["out"] / "compress", out / "compress"
@@ -335,8 +336,5 @@ def test_compress_in_the_loss_metric_lowers_its_error_and_reuses_its_fisher_on_r
     # Another ridge: the same Fisher, every table made again with it.
     ridge = with_compression_setting(compress_runs, tmp_path, "fisher_samples: 600\n  fisher_ridge: 0.5")
     third = app(ridge, out, "compress", "--resume")
-    assert third.returncode == 0, third.stderr[-3000:]
+    assert_every_table_redone(third)
     assert "[compress] loss metric: reusing" in third.stderr
-    assert set(compress_log(third.stderr).values()) == {
-        "its inputs changed (pretrained weights, id counts or quantizer settings)"
-    }
