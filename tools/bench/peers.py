@@ -16,6 +16,9 @@ stored, ratio vs fp32 and the embedding lookup's CPU time:
 - plain PQ (k-means) at MEC's L, K; MEC without PWR, without the contrastive term, full MEC: each
   quantized from the pretrained tables with train-split counts, evaluated as is ("no retrain")
   and after retraining codebooks + dense layers (warm start) with best-valid-state selection;
+- MEC as the demo's stage 2 makes it: count sampling + count-weighted refit (``mec-count``),
+  + the 64 most frequent ids exact (``mec-exact``), + each table fitted in the loss's Fisher
+  metric over 163,840 train rows (``mec-fisher``);
 - full MEC at L in {2, 4, 8} x K in {256, 1024} for the AUC-vs-bytes curve;
 - a control: the fp32 model through the same retraining stage (MEC's stage 3 is extra training).
 
@@ -64,7 +67,17 @@ from mec_torchrec.baselines import (
 )
 from mec_torchrec.data import ProcessedDataset, load_dataset_spec, prepare_dataset, synthesize
 from mec_torchrec.modules import MECEmbeddingBagCollection
-from mec_torchrec.quantize import CompressedTable, MECQuantizer, PQQuantizer, code_dtype
+from mec_torchrec.quantize import (
+    CompressedTable,
+    FisherCollector,
+    MECQuantizer,
+    PQQuantizer,
+    SubspaceMetric,
+    code_dtype,
+    reserve_exact_rows,
+)
+
+EXACT_ROWS = 64  # as specs/synthetic.yaml's compression.exact_rows
 
 
 @dataclass(frozen=True)
@@ -83,12 +96,14 @@ class Setup:
     quantizer_epochs: int = 2
     quantizer_sample: int = 20_000
     kmeans_init: int = 8192
+    fisher_rows: int = 163_840  # as specs/synthetic.yaml's compression.fisher_samples
     curve: tuple[tuple[int, int], ...] = (
         (2, 256), (4, 256), (8, 256), (2, 1024), (4, 1024), (8, 1024))
 
 
 QUICK = Setup(train_rows=120_000, retrain_rows=40_000, evals_per_epoch=2, retrain_evals=2,
               valid_rows=16384, quantizer_epochs=1, quantizer_sample=8192, kmeans_init=2048,
+              fisher_rows=16384,
               curve=((4, 256), (8, 256)))
 
 
@@ -288,10 +303,31 @@ def worth_compressing(rows: int, dim: int, L: int, K: int) -> bool:
     return rows >= K and compressed_bytes(rows, dim, L, K) < rows * dim * 4
 
 
+def loss_fisher(model: nn.Module, ds: ProcessedDataset, s: Setup, seed: int) -> dict:
+    """Per feature, the empirical Fisher of ``model``'s loss w.r.t. its pooled embedding over
+    ``s.fisher_rows`` shuffled train rows (what the app's compression.fisher_samples does)."""
+    sparse_arch = model.model.sparse_arch
+    collector = FisherCollector(sparse_arch, sparse_arch.sparse_feature_names)
+    model.eval()
+    batches = ds.batches("train", s.batch_size, shuffle=True, seed=seed)
+    with collector:
+        for batch in itertools.islice(batches, -(-s.fisher_rows // s.batch_size)):
+            loss, _ = model(batch)  # the batch's mean loss
+            collector.accumulate(loss * batch.labels.numel())
+    model.train()
+    return collector.fisher()
+
+
 def compress(ebc: EmbeddingBagCollection, ds: ProcessedDataset, s: Setup, method: str,
-             L: int, K: int, seed: int) -> tuple[dict[str, CompressedTable], float]:
-    """Quantize the tables worth it with train-split counts; (tables, seconds)."""
+             L: int, K: int, seed: int,
+             fisher: Callable[[], dict] | None = None) -> tuple[dict[str, CompressedTable], float]:
+    """Quantize the tables worth it with train-split counts; (tables, seconds).
+
+    ``mec-exact`` adds the demo's 64 exact head rows to ``mec-count``; ``mec-fisher`` (the demo's
+    stage 2) also fits each table in the loss metric ``fisher()`` gives (its time counted).
+    """
     start, out = time.perf_counter(), {}
+    matrices = fisher() if method == "mec-fisher" and fisher is not None else {}
     for config in ebc.embedding_bag_configs():
         if not worth_compressing(config.num_embeddings, config.embedding_dim, L, K):
             continue
@@ -300,7 +336,7 @@ def compress(ebc: EmbeddingBagCollection, ds: ProcessedDataset, s: Setup, method
         if method == "pq":
             q: Any = PQQuantizer(L, K, sample_size=s.quantizer_sample, init_size=s.kmeans_init,
                                  seed=seed)
-        elif method == "mec-count":  # the demo's setting: rows drawn and refitted by counts
+        elif method in ("mec-count", "mec-exact", "mec-fisher"):  # rows drawn, refitted by counts
             q = MECQuantizer(L, K, epochs=s.quantizer_epochs, sample_size=s.quantizer_sample,
                              init_size=s.kmeans_init, batch_size=4096, seed=seed,
                              use_pwr=False, no_pwr_sampling="count", polish_iters=3,
@@ -310,7 +346,15 @@ def compress(ebc: EmbeddingBagCollection, ds: ProcessedDataset, s: Setup, method
                              init_size=s.kmeans_init, batch_size=4096, seed=seed,
                              use_pwr=method != "mec-no-pwr",
                              use_contrastive=method != "mec-no-contrastive")
-        out[config.name] = q.fit(weight, counts)
+        metric, fit_weight = None, weight
+        if method == "mec-fisher":
+            metric = SubspaceMetric.from_fisher(matrices[config.feature_names[0]], L, 0.05, weight)
+            fit_weight = metric.apply(weight)
+        table = q.fit(fit_weight, counts)
+        if method in ("mec-exact", "mec-fisher"):
+            table = reserve_exact_rows(fit_weight, counts, table, min(EXACT_ROWS, len(counts)),
+                                       q.refit_weights(counts))
+        out[config.name] = table if metric is None else metric.restore(table, weight, counts)
     return out, time.perf_counter() - start
 
 
@@ -370,14 +414,15 @@ def run_seed(ds: ProcessedDataset, spec: JobSpec, s: Setup, seed: int, first: bo
     results.get(f"fp32-retrained/s{seed}", partial(measure_fp32_retrained, fp32, ds, spec, s, seed))
 
     methods = [("mec", *MAIN), ("pq", *MAIN), ("mec-no-pwr", *MAIN), ("mec-no-contrastive", *MAIN),
-               ("mec-count", *MAIN)]
+               ("mec-count", *MAIN), ("mec-exact", *MAIN), ("mec-fisher", *MAIN)]
+    fisher = partial(loss_fisher, fp32, ds, s, seed)
     if first:
         methods += [("mec", L, K) for L, K in s.curve if (L, K) != MAIN]
     for method, L, K in methods:
         name = f"{method}-L{L}-K{K}"
         if f"{name}/s{seed}" in results.rows:
             continue
-        tables, seconds = compress(ebc, ds, s, method, L, K, seed)
+        tables, seconds = compress(ebc, ds, s, method, L, K, seed, fisher)
         model = with_embeddings(fp32, MECEmbeddingBagCollection.from_ebc(ebc, tables))
         results.get(f"{name}/no-retrain/s{seed}",
                     partial(measure, model, ds, s, compress_seconds=seconds))
@@ -424,8 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, seed in enumerate(args.seeds):
         run_seed(ds, spec, s, seed, i == 0, out, results)
     lines = summarize(results.rows)
-    table = (markdown(lines) + "\n" + goals(results.rows) + "\n"
-             + goals(results.rows, f"mec-count-L{MAIN[0]}-K{MAIN[1]}"))
+    table = markdown(lines) + "".join(
+        "\n" + goals(results.rows, f"{method}-L{MAIN[0]}-K{MAIN[1]}")
+        for method in ("mec", "mec-count", "mec-exact", "mec-fisher"))
     (out / "peers.md").write_text(table)
     plot(results.rows, args.seeds[0], out / "peers.png")
     print(table)

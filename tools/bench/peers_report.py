@@ -33,15 +33,17 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     labels = dict(ROWS)
     kinds = {"mec": "MEC", "pq": "plain PQ", "mec-no-pwr": "MEC without PWR",
              "mec-no-contrastive": "MEC without contrastive",
-             "mec-count": "MEC, count sampling + count-weighted refit (demo setting)"}
+             "mec-count": "MEC, count sampling + count-weighted refit",
+             "mec-exact": "MEC, count sampling + refit + 64 exact rows",
+             "mec-fisher": "MEC, + loss metric (the demo's stage 2)"}
     for key in groups:
         if key not in labels:
             method, *rest = key.split("/")
             kind, size = method.split("-L")
             labels[key] = f"{kinds[kind]} L{size.replace('-K', ' K')}" + (
                 ", no retrain" if rest else ", retrained")
-    rank = {k: i for i, k in enumerate([*dict(ROWS), "mec", "mec-count", "pq", "mec-no-pwr",
-                                        "mec-no-contrastive"])}
+    rank = {k: i for i, k in enumerate([*dict(ROWS), "mec", "mec-count", "mec-exact",
+                                        "mec-fisher", "pq", "mec-no-pwr", "mec-no-contrastive"])}
 
     def order(key: str) -> tuple:
         method = key.split("/")[0]
@@ -136,6 +138,8 @@ def plot(results: dict[str, dict[str, Any]], seed: int, path: Path) -> None:
     series([f"pq-L{MAIN[0]}-K{MAIN[1]}"], "x", "plain PQ L4 K256, retrained")
     series([f"mec-no-pwr-L{MAIN[0]}-K{MAIN[1]}"], "+", "MEC without PWR, retrained")
     series([f"mec-count-L{MAIN[0]}-K{MAIN[1]}"], "*", "MEC, count sampling + weighted refit, retrained")
+    series([f"mec-fisher-L{MAIN[0]}-K{MAIN[1]}"], "P",
+           "MEC, + 64 exact rows + loss metric (demo), retrained")
     ax.set_xscale("log")
     ax.set_xlabel("embedding bytes as stored (log)")
     ax.set_ylabel(f"test AUC (seed {seed})")
