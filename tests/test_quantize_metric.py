@@ -11,6 +11,7 @@ from mec_torchrec.quantize import (
     FisherCollector,
     PQQuantizer,
     SubspaceMetric,
+    fit_table,
     head_rows,
     reserve_exact_rows,
 )
@@ -228,3 +229,18 @@ def test_collector_misuse_is_reported() -> None:
     linear = nn.Linear(2, 2)
     with FisherCollector(linear), pytest.raises(TypeError, match="needs a KeyedTensor"):
         linear(torch.zeros(3, 2))
+
+
+def test_fit_table_is_the_metric_fit_then_the_exact_rows_then_the_way_back() -> None:
+    weight, counts = _table_data(3)
+    fisher = _anisotropic_fisher()
+    table = fit_table(PQQuantizer(L, K, iters=3, seed=0), weight, counts, exact_rows=4,
+                      fisher=fisher, ridge=0.1)  # fmt: skip
+    metric = SubspaceMetric.from_fisher(fisher, L, ridge=0.1, weight=weight)
+    mapped = metric.apply(weight)
+    by_hand = PQQuantizer(L, K, iters=3, seed=0).fit(mapped, counts)
+    by_hand = metric.restore(reserve_exact_rows(mapped, counts, by_hand, 4), weight, counts)
+    assert torch.equal(table.codes, by_hand.codes)
+    torch.testing.assert_close(table.codebooks, by_hand.codebooks)
+    plain = fit_table(PQQuantizer(L, K, iters=3, seed=0), weight, counts)
+    assert torch.equal(plain.codes, PQQuantizer(L, K, iters=3, seed=0).fit(weight, counts).codes)

@@ -45,6 +45,7 @@ from apps.dlrm.loop import StageData, train_stage
 from apps.dlrm.model import (
     Env,
     build_dlrm,
+    collect_fisher,
     describe_plan,
     full_ebc,
     make_optimizer,
@@ -218,7 +219,7 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
                 stale.unlink()
     best = out / "pretrain" / "best"
     checkpoint.require(best)  # all ranks hash a share; then each reads its tables alone
-    fisher = loss_fisher(spec, ds, env, out, big) if c.fisher_samples else {}
+    fisher = table_fisher(spec, ds, env, out, big) if c.fisher_samples else {}
     done = 0
     for t in big:
         if owner[t.name] != env.rank:
@@ -235,23 +236,13 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
                 continue
             say(env, f"[compress] {t.name}: {redo}: quantizing")
         start = time.perf_counter()
-        quantizer = c.make_quantizer(t.name)
-        metric, fit_weight = None, weight
-        if c.fisher_samples:  # fit in the loss's metric, then map the codebooks back
-            metric = quantize.SubspaceMetric.from_fisher(
-                fisher[t.name], c.subspaces(t.name), c.fisher_ridge, weight
-            )
-            fit_weight = metric.apply(weight)
-        table = quantizer.fit(fit_weight, counts)
-        if c.exact_rows:
-            exact = min(c.exact_rows, t.num_embeddings)
-            if exact < c.exact_rows:
-                say(env, f"[compress] {t.name}: all {exact} rows exact (exact_rows {c.exact_rows})")
-            table = quantize.reserve_exact_rows(
-                fit_weight, counts, table, exact, quantizer.refit_weights(counts)
-            )
-        if metric is not None:
-            table = metric.restore(table, weight, counts)
+        exact = min(c.exact_rows, t.num_embeddings)
+        if exact < c.exact_rows:
+            say(env, f"[compress] {t.name}: all {exact} rows exact (exact_rows {c.exact_rows})")
+        table = quantize.fit_table(
+            c.make_quantizer(t.name), weight, counts, exact_rows=exact,
+            fisher=fisher.get(t.name), ridge=c.fisher_ridge,
+        )  # fmt: skip
         seconds = time.perf_counter() - start
         table.save(path)
         # The record is written last: it marks the table done, with what it was made from.
@@ -281,7 +272,7 @@ def compress(spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, resume: b
     }
 
 
-def loss_fisher(
+def table_fisher(
     spec: JobSpec, ds: ProcessedDataset, env: Env, out: Path, big: list[EmbeddingBagConfig]
 ) -> dict[str, torch.Tensor]:
     """Per table of ``big``: the empirical Fisher [D, D] (float64) of the stage-1 model's loss
@@ -294,8 +285,6 @@ def loss_fisher(
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save as save_tensors
-
-    from mec_torchrec.quantize import FisherCollector
 
     c, t = spec.compression, spec.training
     path = out / "compress" / "fisher.safetensors"
@@ -318,18 +307,9 @@ def loss_fisher(
     register_embedding_optimizer(model.model.sparse_arch.parameters(), t, 0.0)  # never steps
     dmp, _ = plan_and_shard(model, env, torchrec_sharders(), None, t.batch_size)
     checkpoint.load(out / "pretrain" / "best", {"model": dmp.state_dict()})
-    dmp.eval()
-    sparse_arch = dmp.module.model.sparse_arch
-    collector = FisherCollector(sparse_arch, sparse_arch.sparse_feature_names)
     wanted = -(-c.fisher_samples // (env.world_size * t.batch_size))  # batches per rank
     batches = stage_data(ds, env).batches("train", t.batch_size, True, t.seed)
-    with collector:
-        for step, batch in enumerate(batches):
-            if step == wanted:
-                break
-            batch = batch.to(env.device)
-            loss, _ = dmp(batch)  # the mean loss of the batch: times B, each sample's own
-            collector.accumulate(loss * batch.labels.numel())
+    collector = collect_fisher(dmp, batches, wanted, env.device)
     collector.all_reduce()
     per_feature = collector.fisher()
     fisher = {cfg.name: sum(per_feature[f] for f in cfg.feature_names) for cfg in big}

@@ -9,6 +9,7 @@ optimizer wrapped into the same ``CombinedOptimizer``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
@@ -26,6 +28,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from apps.dlrm.spec import ModelSpec, TrainingSpec
+from mec_torchrec.quantize import FisherCollector
 
 
 @dataclass(frozen=True)
@@ -140,3 +143,22 @@ def describe_plan(plan: ShardingPlan) -> list[str]:
                 f"{module_path or '.'}:{table} {ps.sharding_type}/{ps.compute_kernel} ranks={ranks}"
             )
     return lines
+
+
+def collect_fisher(
+    model: nn.Module, batches: Iterable[Batch], num_batches: int, device: torch.device
+) -> FisherCollector:
+    """The loss Fisher of a ``DLRMTrain`` (plain or under DMP) w.r.t. every feature's pooled
+    embedding, over the first ``num_batches`` of ``batches``, in eval mode (nothing trains; the
+    caller all-reduces it when distributed)."""
+    dlrm = model.module.model if isinstance(model, DistributedModelParallel) else model.model
+    collector = FisherCollector(dlrm.sparse_arch, dlrm.sparse_arch.sparse_feature_names)
+    was_training = model.training
+    model.eval()
+    with collector:
+        for batch in itertools.islice(batches, num_batches):
+            batch = batch.to(device)
+            loss, _ = model(batch)  # the batch's mean loss: times B, each sample's own gradient
+            collector.accumulate(loss * batch.labels.numel())
+    model.train(was_training)
+    return collector

@@ -2,7 +2,7 @@
 
 from mec_torchrec.quantize.exact import head_rows, reserve_exact_rows
 from mec_torchrec.quantize.mec import MECQuantizer
-from mec_torchrec.quantize.metric import FisherCollector, SubspaceMetric
+from mec_torchrec.quantize.metric import FisherCollector, SubspaceMetric, fit_table
 from mec_torchrec.quantize.pq import PQQuantizer
 from mec_torchrec.quantize.table import CompressedTable, TableFileError, code_dtype, decode_codes
 
@@ -15,6 +15,7 @@ __all__ = [
     "TableFileError",
     "code_dtype",
     "decode_codes",
+    "fit_table",
     "head_rows",
     "reserve_exact_rows",
 ]

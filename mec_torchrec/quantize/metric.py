@@ -39,6 +39,7 @@ from typing import Any, Self
 import torch
 from torch import nn
 
+from mec_torchrec.quantize.exact import reserve_exact_rows
 from mec_torchrec.quantize.stats import quality_stats
 from mec_torchrec.quantize.table import CompressedTable
 
@@ -248,3 +249,28 @@ class SubspaceMetric:
         codebooks = torch.einsum("lkd,lde->lke", table.codebooks.double(), inverse).float()
         stats = {**table.stats, **quality_stats(weight, table.codes, codebooks, counts)}
         return CompressedTable(table.codes, codebooks, stats)
+
+
+def fit_table(
+    quantizer: Any,
+    weight: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    exact_rows: int = 0,
+    fisher: torch.Tensor | None = None,
+    ridge: float = 0.05,
+) -> CompressedTable:
+    """``quantizer.fit(weight, counts)`` with the two same-bytes options of the app's stage 2:
+    the table fitted in the loss metric of ``fisher`` [D, D] (None: plain squared error; see
+    :class:`SubspaceMetric`) and its ``exact_rows`` most frequent rows decoding exactly
+    (:func:`reserve_exact_rows`, refitted with the quantizer's own row weights; 0: none)."""
+    metric = None
+    if fisher is not None:
+        metric = SubspaceMetric.from_fisher(fisher, quantizer.num_subspaces, ridge, weight)
+    fit_weight = weight if metric is None else metric.apply(weight)
+    table = quantizer.fit(fit_weight, counts)
+    if exact_rows:
+        table = reserve_exact_rows(
+            fit_weight, counts, table, exact_rows, quantizer.refit_weights(counts)
+        )
+    return table if metric is None else metric.restore(table, weight, counts)

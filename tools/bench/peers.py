@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 from peers_report import MAIN, goals, markdown, plot, summarize  # beside this script
 from torchrec import EmbeddingBagCollection
 
-from apps.dlrm.model import build_dlrm, table_configs
+from apps.dlrm.model import build_dlrm, collect_fisher, table_configs
 from apps.dlrm.spec import JobSpec, ModelSpec, load_job_spec
 from mec_torchrec.baselines import (
     HashedEmbeddingBagCollection,
@@ -69,12 +69,10 @@ from mec_torchrec.data import ProcessedDataset, load_dataset_spec, prepare_datas
 from mec_torchrec.modules import MECEmbeddingBagCollection
 from mec_torchrec.quantize import (
     CompressedTable,
-    FisherCollector,
     MECQuantizer,
     PQQuantizer,
-    SubspaceMetric,
     code_dtype,
-    reserve_exact_rows,
+    fit_table,
 )
 
 EXACT_ROWS = 64  # as specs/synthetic.yaml's compression.exact_rows
@@ -306,16 +304,9 @@ def worth_compressing(rows: int, dim: int, L: int, K: int) -> bool:
 def loss_fisher(model: nn.Module, ds: ProcessedDataset, s: Setup, seed: int) -> dict:
     """Per feature, the empirical Fisher of ``model``'s loss w.r.t. its pooled embedding over
     ``s.fisher_rows`` shuffled train rows (what the app's compression.fisher_samples does)."""
-    sparse_arch = model.model.sparse_arch
-    collector = FisherCollector(sparse_arch, sparse_arch.sparse_feature_names)
-    model.eval()
     batches = ds.batches("train", s.batch_size, shuffle=True, seed=seed)
-    with collector:
-        for batch in itertools.islice(batches, -(-s.fisher_rows // s.batch_size)):
-            loss, _ = model(batch)  # the batch's mean loss
-            collector.accumulate(loss * batch.labels.numel())
-    model.train()
-    return collector.fisher()
+    num_batches = -(-s.fisher_rows // s.batch_size)
+    return collect_fisher(model, batches, num_batches, torch.device("cpu")).fisher()
 
 
 def compress(ebc: EmbeddingBagCollection, ds: ProcessedDataset, s: Setup, method: str,
@@ -346,15 +337,9 @@ def compress(ebc: EmbeddingBagCollection, ds: ProcessedDataset, s: Setup, method
                              init_size=s.kmeans_init, batch_size=4096, seed=seed,
                              use_pwr=method != "mec-no-pwr",
                              use_contrastive=method != "mec-no-contrastive")
-        metric, fit_weight = None, weight
-        if method == "mec-fisher":
-            metric = SubspaceMetric.from_fisher(matrices[config.feature_names[0]], L, 0.05, weight)
-            fit_weight = metric.apply(weight)
-        table = q.fit(fit_weight, counts)
-        if method in ("mec-exact", "mec-fisher"):
-            table = reserve_exact_rows(fit_weight, counts, table, min(EXACT_ROWS, len(counts)),
-                                       q.refit_weights(counts))
-        out[config.name] = table if metric is None else metric.restore(table, weight, counts)
+        exact = min(EXACT_ROWS, len(counts)) if method in ("mec-exact", "mec-fisher") else 0
+        out[config.name] = fit_table(q, weight, counts, exact_rows=exact,
+                                     fisher=matrices.get(config.feature_names[0]))
     return out, time.perf_counter() - start
 
 
